@@ -1,0 +1,258 @@
+"""PVT v2 (Wang et al., "PVT v2: Improved Baselines with Pyramid Vision Transformer", 2021).
+
+Numerically the official `classification/pvt_v2.py`: the same layers, LayerNorm epsilons (1e-5 in
+patch embeddings and spatial reduction, 1e-6 in blocks and stage norms), exact erf GELU, PyTorch's
+symmetric conv padding and adaptive-pool bins, and the same initialisation. Maps are NHWC
+throughout; any input of at least 32x32 pixels works, square or not.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pvt_jax.models import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the paper's Table 1 (C_i, L_i, N_i, E_i, R_i), plus the linear-SRA switch."""
+  embed_dims: Sequence[int]
+  depths: Sequence[int]
+  mlp_ratios: Sequence[int]
+  num_heads: Sequence[int] = (1, 2, 5, 8)
+  sr_ratios: Sequence[int] = (8, 4, 2, 1)
+  linear: bool = False
+
+
+_WIDE = (64, 128, 320, 512)
+VARIANTS = {
+    "b0": Variant((32, 64, 160, 256), (2, 2, 2, 2), (8, 8, 4, 4)),
+    "b1": Variant(_WIDE, (2, 2, 2, 2), (8, 8, 4, 4)),
+    "b2": Variant(_WIDE, (3, 4, 6, 3), (8, 8, 4, 4)),
+    "b2_li": Variant(_WIDE, (3, 4, 6, 3), (8, 8, 4, 4), linear=True),
+    "b3": Variant(_WIDE, (3, 4, 18, 3), (8, 8, 4, 4)),
+    "b4": Variant(_WIDE, (3, 8, 27, 3), (8, 8, 4, 4)),
+    "b5": Variant(_WIDE, (3, 6, 40, 3), (4, 4, 4, 4)),
+}
+
+# Official init: Linear ~ N(0, .02) truncated at +-2 (absolute, i.e. +-100 std), conv
+# ~ N(0, 2 / fan_out) with fan_out = kh * kw * out_channels // groups, all biases 0.
+linear_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+depthwise_init = nn.initializers.normal(stddev=float(np.sqrt(2.0 / 9.0)))  # fan_out = 3*3*C // C
+
+Dtype = Any
+
+
+def gelu(x):
+  """Exact (erf) GELU, as `torch.nn.GELU()`; the tanh approximation differs by up to ~1e-3."""
+  return nn.gelu(x, approximate=False)
+
+
+class Conv(nn.Module):
+  """Conv2d parameters in Flax layout [kh, kw, in, out], applied by `ops` with PyTorch padding."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x = x.astype(self.dtype)
+    if k == self.stride and self.padding == 0:
+      return ops.patchify_conv(x, kernel, bias)
+    return ops.conv2d(x, kernel, bias, stride=self.stride, padding=self.padding)
+
+
+class DepthwiseConv3x3(nn.Module):
+  """The 3x3 depthwise conv of the convolutional FFN (`mlp.dwconv.dwconv` officially)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param("kernel", depthwise_init, (3, 3, 1, c))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    return ops.depthwise_conv3x3(x.astype(self.dtype), kernel, bias)
+
+
+def dense(features, dtype, name):
+  return nn.Dense(features, dtype=dtype, kernel_init=linear_init, name=name)
+
+
+def layer_norm(eps, dtype, name):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+class OverlapPatchEmbed(nn.Module):
+  """Overlapping patch embedding: conv (kernel k, stride s, padding k // 2) then LayerNorm."""
+  embed_dim: int
+  patch_size: int
+  stride: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = Conv(self.embed_dim, self.patch_size, self.stride, self.patch_size // 2, self.dtype,
+             name="proj")(x)
+    return layer_norm(1e-5, self.dtype, "norm")(x)
+
+
+class SpatialReductionAttention(nn.Module):
+  """Multi-head attention whose keys/values come from a spatially reduced map.
+
+  sr_ratio > 1: an sr x sr stride-sr conv + LayerNorm reduces the map; sr_ratio == 1: keys and
+  values come from the full map; linear (B2-Li): adaptive average pooling to 7x7, 1x1 conv,
+  LayerNorm and GELU, so the cost grows linearly with the number of pixels.
+  """
+  dim: int
+  num_heads: int
+  sr_ratio: int
+  linear: bool = False
+  attn_drop_rate: float = 0.0
+  proj_drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b, h, w, c = x.shape
+    head_dim = c // self.num_heads
+    q = dense(c, self.dtype, "q")(x).reshape(b, h * w, self.num_heads, head_dim)
+    if self.linear:
+      kv_map = ops.adaptive_avg_pool(x.astype(self.dtype), 7)
+      kv_map = Conv(c, 1, dtype=self.dtype, name="sr")(kv_map)
+      kv_map = gelu(layer_norm(1e-5, self.dtype, "norm")(kv_map))
+    elif self.sr_ratio > 1:
+      kv_map = Conv(c, self.sr_ratio, self.sr_ratio, dtype=self.dtype, name="sr")(x)
+      kv_map = layer_norm(1e-5, self.dtype, "norm")(kv_map)
+    else:
+      kv_map = x
+    kv = dense(2 * c, self.dtype, "kv")(kv_map).reshape(b, -1, 2, self.num_heads, head_dim)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=not train)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
+    out = dense(c, self.dtype, "proj")(out)
+    return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
+
+
+class ConvFFN(nn.Module):
+  """Convolutional feed-forward network: fc1 -> [ReLU if linear] -> dwconv 3x3 -> GELU -> fc2."""
+  hidden_dim: int
+  linear: bool = False
+  drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    dim = x.shape[-1]
+    x = dense(self.hidden_dim, self.dtype, "fc1")(x)
+    if self.linear:
+      x = nn.relu(x)
+    x = gelu(DepthwiseConv3x3(self.dtype, name="dwconv")(x))
+    x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+    x = dense(dim, self.dtype, "fc2")(x)
+    return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample (`"dropout"` rng stream)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not train or self.rate == 0.0:
+      return x
+    return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic=False)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + DropPath(SRA(LN(x))), then x + DropPath(ConvFFN(LN(x)))."""
+  dim: int
+  num_heads: int
+  mlp_ratio: int
+  sr_ratio: int
+  linear: bool = False
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = layer_norm(1e-6, self.dtype, "norm1")(x)
+    y = SpatialReductionAttention(self.dim, self.num_heads, self.sr_ratio, self.linear,
+                                  self.attn_drop_rate, self.drop_rate, self.dtype, name="attn")(
+                                      y, train)
+    x = x + DropPath(self.drop_path_rate)(y, train)
+    y = layer_norm(1e-6, self.dtype, "norm2")(x)
+    y = ConvFFN(self.dim * self.mlp_ratio, self.linear, self.drop_rate, self.dtype, name="mlp")(
+        y, train)
+    return x + DropPath(self.drop_path_rate)(y, train)
+
+
+class Stage(nn.Module):
+  """One pyramid stage: patch embedding (stride 4 for the first, 2 after), blocks, LayerNorm."""
+  index: int
+  variant: Variant
+  drop_path_rates: Sequence[float]
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    v, i = self.variant, self.index
+    patch, stride = (7, 4) if i == 0 else (3, 2)
+    x = OverlapPatchEmbed(v.embed_dims[i], patch, stride, self.dtype, name="patch_embed")(x)
+    for j, rate in enumerate(self.drop_path_rates):
+      x = Block(v.embed_dims[i], v.num_heads[i], v.mlp_ratios[i], v.sr_ratios[i], v.linear,
+                self.drop_rate, self.attn_drop_rate, rate, self.dtype, name=f"block{j}")(x, train)
+    return layer_norm(1e-6, self.dtype, "norm")(x)
+
+
+class PyramidVisionTransformerV2(nn.Module):
+  """PVT v2 classifier; `features` gives the four stage maps (strides 4, 8, 16, 32)."""
+  variant: Variant
+  num_classes: int = 1000
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    v = self.variant
+    rates = np.linspace(0.0, self.drop_path_rate, sum(v.depths)).tolist()
+    bounds = np.cumsum((0,) + tuple(v.depths)).tolist()
+    self.stages = [
+        Stage(i, v, rates[bounds[i]:bounds[i + 1]], self.drop_rate, self.attn_drop_rate,
+              self.dtype, name=f"stage{i + 1}") for i in range(4)
+    ]
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=linear_init, name="head")
+    self.head_drop = nn.Dropout(self.drop_rate)
+
+  def features(self, x, train: bool = False):
+    """The four NHWC maps after each stage norm (fp32 inputs are cast to the compute dtype)."""
+    maps = []
+    x = x.astype(self.dtype)
+    for stage in self.stages:
+      x = stage(x, train)
+      maps.append(x)
+    return maps
+
+  def __call__(self, x, train: bool = False):
+    """Logits in fp32, or the pooled stage-4 features when `num_classes == 0`."""
+    pooled = self.features(x, train)[-1].astype(jnp.float32).mean(axis=(1, 2))
+    if not self.num_classes:
+      return pooled
+    return self.head(self.head_drop(pooled, deterministic=not train))
