@@ -40,7 +40,8 @@ def param_shapes(variant, num_classes=1000, size=64):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_parameter_counts_equal_official(variant):
   with_head, without_head = OFFICIAL_PARAMS[variant]
-  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  def count(tree):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
   assert count(param_shapes(variant)) == with_head
   assert count(param_shapes(variant, num_classes=0)) == without_head
 
@@ -63,7 +64,7 @@ def test_feature_maps_have_pytorch_strides(b0, height, width):
   model, variables = b0
   maps = jit_apply(model)(variables, jnp.zeros((2, height, width, 3)), method="features")
   h, w = math.ceil(height / 4), math.ceil(width / 4)  # k7 s4 p3, then k3 s2 p1 per stage
-  for i, (feature_map, dim) in enumerate(zip(maps, VARIANTS["b0"].embed_dims)):
+  for i, (feature_map, dim) in enumerate(zip(maps, VARIANTS["b0"].embed_dims, strict=False)):
     if i:
       h, w = math.ceil(h / 2), math.ceil(w / 2)
     chex.assert_shape(feature_map, (2, h, w, dim))
@@ -142,7 +143,8 @@ def test_train_mode_draws_stochastic_depth_from_dropout_stream(b0):
   x = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
   apply = jit_apply(model)
   eval_a = apply(variables, x)
-  train = lambda key: apply(variables, x, train=True, rngs={"dropout": jax.random.key(key)})
+  def train(key):
+    return apply(variables, x, train=True, rngs={"dropout": jax.random.key(key)})
   np.testing.assert_array_equal(train(7), train(7))
   assert not np.allclose(train(7), train(8))
   assert not np.allclose(train(7), eval_a)

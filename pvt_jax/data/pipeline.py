@@ -1,0 +1,307 @@
+"""tf.data input pipelines: per-process train stream (exactly resumable) and exact eval batches.
+
+Determinism: every random choice is a stateless function of (config.seed, process, epoch,
+position in the epoch), and all tf.data stages run in deterministic order. Each epoch's record
+order comes from a shuffle seeded by (seed, epoch, process), so resuming at step N starts the
+epoch N // steps_per_epoch and skips the first positions of it *before* decoding: skipping costs
+reading records, never decoding or augmenting them.
+"""
+
+import dataclasses
+import functools
+import itertools
+import math
+import re
+import time
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from pvt_jax.data import augment, randaugment
+from pvt_jax.data.errors import DatasetError
+from pvt_jax.data.sources import Source, open_source
+
+_CORRUPT = "corrupt image file"
+# Bound at import: the except clause below can run at interpreter exit, when `tf` may be gone.
+_DecodeError = tf.errors.InvalidArgumentError
+# Leading bytes of the formats tf.io.decode_image reads.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+
+
+def _keep_tf_off_accelerators() -> None:
+  """tf.data must not grab GPU memory that JAX needs (tensorflow-cpu has none; full TF might)."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialised its devices; nothing we can change now.
+    pass
+
+
+_keep_tf_off_accelerators()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  train_split: str
+  eval_split: str
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_source(dataset, data_dir, manual_dir, fashion_mnist_dir) -> Source:
+  """Opened once per process: an ImageFolder lists its whole tree when opened."""
+  return open_source({"dataset": dataset, "data_dir": data_dir, "manual_dir": manual_dir,
+                      "fashion_mnist_dir": fashion_mnist_dir})
+
+
+def _source(config) -> Source:
+  return _cached_source(config.get("dataset", "fashion_mnist"), config.get("data_dir", None),
+                        config.get("manual_dir", None),
+                        config.get("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist"))
+
+
+def _splits(config, source: Source) -> tuple[str, str]:
+  return (source.resolve_split(config.get("train_split", "train")),
+          source.resolve_split(config.get("eval_split", ""), eval_default=True))
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Class count and split sizes of config.dataset (prepares it on first use)."""
+  source = _source(config)
+  train_split, eval_split = _splits(config, source)
+  return DatasetInfo(source.name, source.num_classes, source.num_examples(train_split),
+                     source.num_examples(eval_split), train_split, eval_split)
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return index, count
+
+
+def _local_batch(global_batch: int, process_count: int, what: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise DatasetError(f"{what}={global_batch} must be a positive multiple of the process "
+                       f"count {process_count}")
+  return global_batch // process_count
+
+
+def _decode(record, source: Source, crop_box=None):
+  """float32 [H, W, 3] in [0, 255]; raises (naming the file) on bytes that are no image.
+
+  `crop_box(height, width) -> (top, left, h, w)` crops while decoding; JPEGs then decode only
+  the crop window (tf.image.decode_and_crop_jpeg), which is most of the decode cost saved for
+  RandomResizedCrop on ImageNet. Its pixels equal decode-then-crop except the window's last
+  column (libjpeg's chroma upsampling lacks the right neighbour there): a negligible change.
+  """
+  image = record["image"]
+  if not source.encoded:
+    if image.shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    return tf.cast(_crop(image, crop_box), tf.float32)
+  known = tf.reduce_any([tf.equal(tf.strings.substr(image, 0, len(m)), m) for m in _MAGIC])
+  check = tf.debugging.Assert(known, [_CORRUPT, record["name"]])
+  with tf.control_dependencies([check]):
+    encoded = tf.identity(image)
+
+  def any_format():
+    decoded = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return _crop(decoded, crop_box)
+
+  def jpeg_window():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    window = tf.stack(crop_box(shape[0], shape[1]))
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+
+  if crop_box is None:
+    image = any_format()
+  else:
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _MAGIC[0])
+    image = tf.cond(is_jpeg, jpeg_window, any_format)
+  return tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
+
+
+def _crop(image, crop_box):
+  if crop_box is None:
+    return image
+  top, left, height, width = crop_box(tf.shape(image)[0], tf.shape(image)[1])
+  return image[top:top + height, left:left + width]
+
+
+def _aug(config, name, default):
+  aug = config.get("aug", None)
+  return aug.get(name, default) if aug is not None else default
+
+
+def _int_seed(*parts: int) -> int:
+  """A tf.data shuffle seed from integers (seed, epoch, process)."""
+  return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint32)[0])
+
+
+def _numpy_batches(ds: tf.data.Dataset, what: str):
+  """Iterates `ds` as numpy, turning decode failures into one-line DatasetErrors."""
+  try:
+    yield from ds.as_numpy_iterator()
+  except _DecodeError as e:
+    match = re.search(_CORRUPT + r"\]\s*\[b?['\"]?([^'\"\]]*)", e.message)
+    if match:
+      raise DatasetError(f"{what}: {_CORRUPT} {match.group(1)} (not a JPEG/PNG/GIF/BMP/WebP "
+                         f"image); remove or replace it") from None
+    first_line = e.message.strip().splitlines()[0]
+    raise DatasetError(f"{what}: cannot decode an image: {first_line}") from None
+
+
+def _train_example_fn(config, source: Source, base_seed):
+  """(epoch, record with 'pos') -> {'image' normalised [S, S, 3], 'label', 'pos'}."""
+  size = config.get("image_size", 224)
+  crop_pct = config.get("crop_pct", 0.875)
+  rrc = _aug(config, "random_resized_crop", True)
+  scale = tuple(_aug(config, "crop_scale", (0.08, 1.0)))
+  ratio = tuple(_aug(config, "crop_ratio", (0.75, 4 / 3)))
+  hflip = _aug(config, "hflip", True)
+  ra_name = _aug(config, "randaugment", "rand-m9-mstd0.5-inc1")
+  ra_spec = randaugment.parse(ra_name) if ra_name else None
+  erasing = _aug(config, "random_erasing", 0.25)
+
+  def fn(epoch, record):
+    seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+    seed = tf.random.experimental.stateless_fold_in(seed, record["pos"])
+    s_crop, s_flip, s_ra, s_erase = augment.split_seed(seed, 4)
+    if rrc:
+      image = _decode(record, source, functools.partial(
+          augment.random_resized_crop_box, s_crop, scale=scale, ratio=ratio))
+      image = augment.resize(image, size, size)
+    else:
+      image = augment.resize_center_crop(_decode(record, source), size, crop_pct)
+    if hflip:
+      image = augment.random_flip(image, s_flip)
+    if ra_spec is not None:
+      image = randaugment.rand_augment(image, s_ra, ra_spec)
+    image = augment.normalize(image)
+    if erasing > 0:
+      image = augment.random_erasing(image, s_erase, erasing)
+    return {"image": tf.ensure_shape(image, [size, size, 3]), "label": record["label"],
+            "pos": record["pos"]}
+
+  return fn
+
+
+def _batch_fn(config, num_classes: int, local_batch: int, base_seed):
+  """(epoch, batch) -> {'image', 'label' soft targets}: mixup/cutmix + label smoothing."""
+  kwargs = {"mixup_alpha": _aug(config, "mixup_alpha", 0.8),
+            "cutmix_alpha": _aug(config, "cutmix_alpha", 1.0),
+            "prob": _aug(config, "mixup_prob", 1.0),
+            "switch_prob": _aug(config, "mixup_switch_prob", 0.5),
+            "smoothing": _aug(config, "label_smoothing", 0.1)}
+
+  def fn(epoch, batch):
+    seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+    seed = tf.random.experimental.stateless_fold_in(seed, batch["pos"][0] // local_batch)
+    images, labels = augment.mixup_cutmix(batch["image"], batch["label"], seed, num_classes,
+                                          **kwargs)
+    return {"image": images, "label": labels}
+
+  return fn
+
+
+def train_iterator(config, start_step: int = 0, *, process_index: int | None = None,
+                   process_count: int | None = None):
+  """Infinite iterator of this process's batches, identical from step `start_step` on to the
+  stream of an uninterrupted run: {'image' float32 [B, S, S, 3], 'label' float32 [B, K]}.
+
+  Epochs have num_train_examples // batch_size steps on every process. With repeated
+  augmentation x R, an epoch takes 1 / R of its (shuffled) records and shows each R times,
+  consecutively and with different augmentations (DeiT's RASampler puts the R copies into the
+  same global batch too); the epoch length is unchanged.
+  """
+  index, count = _process(process_index, process_count)
+  source = _source(config)
+  train_split, _ = _splits(config, source)
+  local_batch = _local_batch(config.get("batch_size", 1024), count, "batch_size")
+  num_classes = config.get("num_classes", 0) or source.num_classes
+  num_examples = source.num_examples(train_split)
+  steps_per_epoch = max(num_examples // config.get("batch_size", 1024), 1)
+  per_epoch = steps_per_epoch * local_batch
+  repeats = max(int(_aug(config, "repeated_aug", 3)), 1)
+  seed = config.get("seed", 0)
+  cache = config.get("cache", False)
+  shard = source.read(train_split, index, count)
+  shard_size = int(shard.cardinality())
+  if shard_size <= 0:
+    raise DatasetError(f"{source.name}: split {train_split!r} has no examples for process "
+                       f"{index} of {count}")
+  if cache:
+    shard = shard.cache()
+  # Repeated augmentation shows only the first 1 / R of each epoch's records: from a cached
+  # shard shuffle fully so that this subset is uniform, else use the configured buffer.
+  buffer = (shard_size if cache and repeats > 1
+            else min(config.get("shuffle_buffer", 50_000), shard_size))
+  example_fn = _train_example_fn(config, source, tf.constant([seed, index], tf.int64))
+  batch_fn = _batch_fn(config, num_classes, local_batch, tf.constant([seed, index + (1 << 20)],
+                                                                     tf.int64))
+  options = tf.data.Options()
+  options.deterministic = True
+  first_epoch, skip = divmod(start_step, steps_per_epoch)
+
+  def epoch_batches(epoch: int, skip_steps: int):
+    records = shard if cache else source.read(train_split, index, count,
+                                              shuffle_seed=_int_seed(seed, epoch, index))
+    records = records.shuffle(buffer, seed=_int_seed(seed, epoch, index, 1),
+                              reshuffle_each_iteration=True).repeat()
+    records = records.take(math.ceil(per_epoch / repeats)).enumerate()
+    records = records.flat_map(lambda i, r: tf.data.Dataset.range(repeats).map(
+        lambda k: {**r, "pos": i * repeats + k}))
+    records = records.take(per_epoch).skip(skip_steps * local_batch)
+    ds = records.map(functools.partial(example_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(functools.partial(batch_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+  for epoch in itertools.count(first_epoch):
+    yield from _numpy_batches(epoch_batches(epoch, skip if epoch == first_epoch else 0),
+                              f"{source.name} {train_split}")
+
+
+def eval_iterator(config, *, process_index: int | None = None,
+                  process_count: int | None = None):
+  """This process's eval batches {'image', 'label' int32, 'mask' bool}, padded to whole global
+  batches: every process yields ceil(ceil(N / P) / local_batch) batches and each of the N
+  examples has mask True on exactly one process."""
+  index, count = _process(process_index, process_count)
+  source = _source(config)
+  _, eval_split = _splits(config, source)
+  local_batch = _local_batch(config.get("eval_batch_size", 0) or config.get("batch_size", 1024),
+                             count, "eval_batch_size")
+  size = config.get("image_size", 224)
+  crop_pct = config.get("crop_pct", 0.875)
+  total = source.num_examples(eval_split)
+  num_batches = math.ceil(math.ceil(total / count) / local_batch)
+  shard = source.read(eval_split, index, count)
+  padding = num_batches * local_batch - int(shard.cardinality())
+
+  def prepare(record):
+    image = augment.resize_center_crop(_decode(record, source), size, crop_pct)
+    return {"image": augment.normalize(image), "label": record["label"],
+            "mask": tf.constant(True)}
+
+  ds = shard.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  pad = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32),
+         "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  return _numpy_batches(ds.with_options(options), f"{source.name} {eval_split}")
+
+
+def measure_throughput(config, num_batches: int = 20, warmup_batches: int = 2) -> float:
+  """Training-pipeline images per second on this process (after `warmup_batches`)."""
+  batches = train_iterator(config)
+  for _ in range(warmup_batches):
+    next(batches)
+  start = time.perf_counter()
+  images = sum(len(next(batches)["image"]) for _ in range(num_batches))
+  return images / (time.perf_counter() - start)

@@ -1,0 +1,171 @@
+"""Where examples come from: config.dataset -> a tfds builder, its splits and how to read them.
+
+Three kinds of source, all through tensorflow-datasets:
+  "fashion_mnist"   our offline builder over local idx files (fashion_mnist.py);
+  "folder:/root"    tfds ImageFolder over root/<split>/<class>/*.jpg|png;
+  any other name    a tfds builder ("imagenet2012" is prepared from the manual tars).
+Every source yields {'image', 'label', 'name'} records; 'image' is still encoded (bytes) unless
+`Source.encoded` is False (Fashion-MNIST stores raw uint8 pixels), so decoding happens in the
+parallel map of the input pipeline, where corrupt files can be reported (see pipeline.py).
+"""
+
+import dataclasses
+import os
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from pvt_jax.data import fashion_mnist
+from pvt_jax.data.errors import DatasetError
+
+FOLDER_PREFIX = "folder:"
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A prepared dataset: its builder, the keys of its features and how to shard it."""
+  name: str
+  builder: tfds.core.DatasetBuilder
+  image_key: str
+  label_key: str
+  name_key: str | None  # feature naming the file of an example, for error messages
+  encoded: bool  # image is encoded bytes (decode in the pipeline) or raw uint8 pixels
+  num_classes: int
+  splits_by_slicing: bool  # tfds sub-split API available (per-process reads skip other shards)
+
+  def resolve_split(self, split: str, *, eval_default: bool = False) -> str:
+    """`split` checked against the builder's splits ("" -> validation, val or test, for eval)."""
+    available = list(self.builder.info.splits.keys())
+    if not split and eval_default:
+      for candidate in ("validation", "val", "test"):
+        if candidate in available:
+          return candidate
+      raise DatasetError(f"{self.name} has no validation, val or test split "
+                         f"(splits: {', '.join(available)}); set config.eval_split")
+    base = split.split("[", 1)[0]
+    if available and base not in available:
+      raise DatasetError(f"{self.name} has no split {base!r} (splits: {', '.join(available)})")
+    return split
+
+  def read(self, split: str, process_index: int = 0, process_count: int = 1, *,
+           shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """This process's disjoint part of `split`, in a deterministic order.
+
+    With `shuffle_seed` the file order is shuffled by that seed (the pipeline shuffles records).
+    """
+    decoders = {self.image_key: tfds.decode.SkipDecoding()} if self.encoded else None
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, options=options,
+                                  try_autocache=False)
+    # Ordered builders (Fashion-MNIST, a single file) keep their file order.
+    shuffle_files = (shuffle_seed is not None and self.splits_by_slicing
+                     and not self.builder.info.disable_shuffling)
+    sliced = self.splits_by_slicing and process_count > 1
+    if sliced:
+      split = tfds.even_splits(split, n=process_count)[process_index]
+    kwargs = {"read_config": read_config} if self.splits_by_slicing else {}
+    ds = self.builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders,
+                                 **kwargs)
+    if process_count > 1 and not sliced:
+      ds = ds.shard(process_count, process_index)
+    name_key = self.name_key
+
+    def record(example):
+      label = tf.cast(example[self.label_key], tf.int32)
+      name = example[name_key] if name_key else tf.constant("")
+      return {"image": example[self.image_key], "label": label, "name": name}
+
+    return ds.map(record, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def num_examples(self, split: str) -> int:
+    """Examples in `split` (all processes together)."""
+    count = int(self.read(split).cardinality())
+    if count < 0:
+      raise DatasetError(f"{self.name}: cannot count the examples of split {split!r}")
+    return count
+
+
+def open_source(config) -> Source:
+  """The prepared source named by config.dataset (prepared on first use)."""
+  dataset = config.get("dataset", "fashion_mnist")
+  data_dir = config.get("data_dir", None)
+  if dataset == "fashion_mnist":
+    return _fashion_mnist(config.get("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist"),
+                          data_dir)
+  if dataset.startswith(FOLDER_PREFIX):
+    return _image_folder(dataset[len(FOLDER_PREFIX):])
+  return _tfds(dataset, data_dir, config.get("manual_dir", None))
+
+
+def _fashion_mnist(directory: str, data_dir: str | None) -> Source:
+  missing = fashion_mnist.missing_files(directory)
+  if missing:
+    raise DatasetError(f"Fashion-MNIST idx files missing in {directory}: {', '.join(missing)} "
+                       f"(.gz or not); install them with `{fashion_mnist.INSTALL_HINT}` or "
+                       f"set config.fashion_mnist_dir")
+  builder = fashion_mnist.FashionMnistLocal(source_dir=directory, data_dir=data_dir)
+  try:
+    builder.download_and_prepare()
+  except ValueError as e:  # malformed idx file (read_idx names it)
+    raise DatasetError(str(e)) from None
+  return Source("fashion_mnist", builder, "image", "label", None, encoded=False,
+                num_classes=len(fashion_mnist.CLASS_NAMES), splits_by_slicing=True)
+
+
+def _image_folder(root: str) -> Source:
+  if not os.path.isdir(root):
+    raise DatasetError(f"image folder {root} does not exist (expected {root}/<split>/<class>/"
+                       f"*.jpg|png)")
+  builder = tfds.ImageFolder(root)
+  info = builder.info
+  splits = {name: split.num_examples for name, split in info.splits.items()}
+  if not splits or not any(splits.values()):
+    raise DatasetError(f"image folder {root} holds no images in <split>/<class>/ "
+                       f"subdirectories (.jpg, .jpeg or .png)")
+  num_classes = info.features["label"].num_classes
+  if num_classes < 2:
+    raise DatasetError(f"image folder {root} has {num_classes} class folder; classification "
+                       f"needs at least 2 (root/<split>/<class>/*.jpg)")
+  return Source(f"folder:{root}", builder, "image", "label", "image/filename", encoded=True,
+                num_classes=num_classes, splits_by_slicing=False)
+
+
+def _tfds(name: str, data_dir: str | None, manual_dir: str | None) -> Source:
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DatasetError(f"unknown dataset {name!r}: use 'fashion_mnist', 'imagenet2012', "
+                       f"another tfds dataset name, or 'folder:/path/to/root'") from None
+  if not builder.is_prepared():
+    if name.split(":")[0] == "imagenet2012":
+      root = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+      manual_dir = manual_dir or os.path.join(os.path.expanduser(root), "downloads", "manual")
+      _check_imagenet_tars(manual_dir)
+    logging.info("preparing %s in %s (tfds may download it)", name, builder.data_dir)
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    except AssertionError as e:  # tfds' way of saying manual files are missing
+      raise DatasetError(f"cannot prepare {name}: {' '.join(str(e).split())}") from None
+  features = builder.info.features
+  image_key, label_key = builder.info.supervised_keys or ("image", "label")
+  keys = set(features.keys())
+  if not (image_key in keys and isinstance(features[image_key], tfds.features.Image)
+          and label_key in keys and isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise DatasetError(f"{name} is not an image-classification dataset (needs an Image "
+                       f"feature and a ClassLabel feature)")
+  name_key = next((k for k in ("file_name", "image/filename") if k in keys), None)
+  return Source(name, builder, image_key, label_key, name_key, encoded=True,
+                num_classes=features[label_key].num_classes, splits_by_slicing=True)
+
+
+def _check_imagenet_tars(manual_dir: str) -> None:
+  missing = [t for t in IMAGENET_TARS if not os.path.isfile(os.path.join(manual_dir, t))]
+  if missing:
+    raise DatasetError(f"imagenet2012 is not prepared and the manual dir {manual_dir} lacks "
+                       f"{', '.join(missing)}; "
+                       f"download them from image-net.org into config.manual_dir "
+                       f"(see pvt_jax/data/README.md)")

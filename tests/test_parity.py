@@ -1,0 +1,85 @@
+"""End to end: timm PVT v2 (random weights, every variant) saved in the official, timm and HF
+layouts -> `python -m pvt_jax.convert` -> `load_pretrained` gives timm's logits and stage maps."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from torch_reference import random_timm_model, save, state_dict_in, timm_outputs
+
+from pvt_jax import convert
+from pvt_jax.checkpoints import load_converted, load_pretrained
+from pvt_jax.models import VARIANTS
+
+TOLERANCE = 5e-5
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+# The small variants also run at a non-square size whose maps have odd sides (50x74 ... 7x10);
+# the deeper ones only at 224 (batch 1) to keep the file fast on two CPU cores.
+SIZES = {"b0": [(2, 224, 224), (2, 200, 296)], "b1": [(2, 224, 224), (2, 200, 296)],
+         "b2_li": [(2, 224, 224), (2, 200, 296)], "b2": [(1, 224, 224)],
+         "b3": [(1, 224, 224)], "b4": [(1, 224, 224)], "b5": [(1, 224, 224)]}
+# REFERENCE.md: parameters of the official modules with the 1000-class head.
+OFFICIAL_PARAMS = {"b0": 3_666_760, "b1": 14_009_000, "b2": 25_362_856, "b2_li": 22_553_512,
+                   "b3": 45_238_696, "b4": 62_556_072, "b5": 81_956_008}
+FILES = {"official": "pvt_v2.pth", "timm": "model.safetensors", "hf": "hf_model.safetensors"}
+
+
+def run_convert(*args):
+  flag_values = flags.FlagValues()
+  convert.define_flags(flag_values)
+  flag_values(["convert", *args])
+  return convert.run(flag_values)
+
+
+def our_outputs(model, variables, images):
+  @jax.jit
+  def forward(variables, x):
+    logits, state = model.apply(variables, x, mutable=["intermediates"],
+                                capture_intermediates=lambda module, _: module.name in STAGES)
+    return logits, [state["intermediates"][name]["__call__"][0] for name in STAGES]
+
+  return forward(variables, jnp.asarray(images))
+
+
+def max_diff(ours, theirs):
+  assert ours.shape == theirs.shape
+  return float(np.max(np.abs(np.asarray(ours) - theirs)))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_all_layouts_convert_to_timm_numerics(variant, tmp_path):
+  reference = random_timm_model(variant, seed=sum(map(ord, variant)))
+  converted = {}
+  for layout, filename in FILES.items():
+    # Official release files are raw state dicts; its training checkpoints wrap them in 'model'.
+    source = save(tmp_path / filename, state_dict_in(layout, reference, variant),
+                  wrap="model" if layout == "official" and variant == "b2" else None)
+    output = tmp_path / f"converted_{layout}"
+    assert run_convert(f"--input={source}", f"--output={output}", f"--variant={variant}") == 0
+    metadata = load_converted(output).metadata
+    assert (metadata["variant"], metadata["num_classes"], metadata["source_format"]) == (
+        variant, 1000, layout)
+    converted[layout] = load_pretrained(output)
+    source.unlink()
+
+  # The three layouts hold the same numbers, so they must give bit-identical params (HF included:
+  # its checkpoints load into our official-numerics model).
+  model, variables = converted["official"]
+  for layout in ("timm", "hf"):
+    jax.tree.map(np.testing.assert_array_equal, converted[layout][1], variables)
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables)) == OFFICIAL_PARAMS[variant]
+
+  rng = np.random.default_rng(0)
+  for batch, height, width in SIZES[variant]:
+    images = rng.standard_normal((batch, height, width, 3), dtype=np.float32)
+    expected_logits, expected_maps = timm_outputs(reference, images)
+    logits, maps = our_outputs(model, variables, images)
+    diffs = [max_diff(logits, expected_logits)]
+    diffs += [max_diff(ours, theirs) for ours, theirs in zip(maps, expected_maps, strict=True)]
+    print(f"{variant} {height}x{width}: max |diff| logits {diffs[0]:.2e}, maps "
+          + ", ".join(f"{d:.2e}" for d in diffs[1:]))
+    assert np.abs(expected_logits).max() > 0.1  # a meaningful comparison, not of near-zeros
+    assert max(diffs) <= TOLERANCE, diffs
