@@ -1,0 +1,1 @@
+"""Training configurations: one file per PVT v2 variant plus fine-tuning (see common.py)."""

@@ -1,0 +1,7 @@
+"""PVT v2 b2-Li: see configs/common.py for the modes (`:imagenet` is the official recipe)."""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.get_config("b2_li", arg)
