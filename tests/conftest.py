@@ -2,11 +2,25 @@
 
 import gzip
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 NUM_CLASSES = 10
+
+# tfds reads its default data dir from TFDS_DATA_DIR once, when first imported, so this is set
+# before any test module imports it: a config without data_dir (the trainer's tests, the CLI
+# subprocesses, which inherit the environment) then prepares datasets here, never in
+# ~/tensorflow_datasets.
+_SESSION_TFDS_DIR = tempfile.mkdtemp(prefix="pvt_jax_test_tfds_")
+os.environ["TFDS_DATA_DIR"] = _SESSION_TFDS_DIR
+
+
+def pytest_unconfigure(config):
+  del config
+  shutil.rmtree(_SESSION_TFDS_DIR, ignore_errors=True)
 
 
 def _class_pattern(label: int) -> np.ndarray:

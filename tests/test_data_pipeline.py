@@ -3,6 +3,7 @@ augmentation and exactly-once eval with padding (processes simulated via explici
 
 import itertools
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -162,3 +163,41 @@ def test_crop_while_decoding_equals_crop_after(fmt):
   # right-hand neighbour.
   np.testing.assert_array_equal(fused[:, :-1], full[:, :-1])
   assert np.abs(fused[:, -1] - full[:, -1]).mean() < 8
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_sliced_splits_train_resume_and_eval(tiny_fashion_mnist, tfds_data_dir, cache):
+  # train[:48] over two processes: 24 records each, 16 // 2 = 8 per local batch, 3 steps/epoch.
+  config = fashion_config(tiny_fashion_mnist, tfds_data_dir, image_size=28, cache=cache,
+                          train_split="train[:48]", eval_split="train[:48]", eval_batch_size=48,
+                          aug=NO_AUG)
+  assert data.dataset_info(config).num_train_examples == 48
+  allowed = set(pixel_keys(next(data.eval_iterator(config))["image"]))
+  assert len(allowed) == 48
+  seen = []
+  for index in range(2):
+    stream = take(config, 4, process_index=index, process_count=2)
+    resumed = take(config, 2, start_step=2, process_index=index, process_count=2)
+    for a, b in zip(stream[2:], resumed, strict=True):
+      np.testing.assert_array_equal(a["image"], b["image"])
+    seen.append(set(pixel_keys(np.concatenate([b["image"] for b in stream[:3]]))))
+    evals = list(data.eval_iterator(config, process_index=index, process_count=2))
+    assert sum(int(b["mask"].sum()) for b in evals) == 24
+  assert len(seen[0]) == len(seen[1]) == 24 and not seen[0] & seen[1]
+  assert seen[0] | seen[1] == allowed
+
+
+def test_cache_is_filled_before_the_first_batch(tmp_path):
+  # A cached run that stops early must not leave a partial cache (tf.data would discard it, warn
+  # and read the files again): with the prepared files gone after the first batch, later epochs
+  # still come from memory. train[:40], batch 16, buffer 4: one epoch reads only 36 records.
+  directory = write_fashion_mnist(str(tmp_path / "fm"), 60, 10, seed=5)
+  data_dir = str(tmp_path / "tfds")
+  config = fashion_config(directory, data_dir, image_size=28, cache=True, shuffle_buffer=4,
+                          train_split="train[:40]", aug=NO_AUG)
+  batches = data.train_iterator(config)
+  first = next(batches)
+  shutil.rmtree(data_dir)
+  later = [next(batches) for _ in range(5)]  # epochs 1-3 (2 steps each)
+  keys = set(pixel_keys(np.concatenate([first["image"]] + [b["image"] for b in later])))
+  assert len(keys) > 32

@@ -3,6 +3,8 @@ data, ImageFolder, and the one-line errors for bad input. Everything offline, in
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 
 import ml_collections
@@ -264,3 +266,26 @@ def test_installed_fashion_mnist_files_parse():
   images, labels = fashion_mnist.read_split("/usr/share/datasets/fashion-mnist", "test")
   assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
   assert np.bincount(labels).tolist() == [1000] * 10  # the test set is balanced
+
+
+QUIET_CHILD = """
+import sys
+import ml_collections
+from pvt_jax import data
+config = ml_collections.ConfigDict({"fashion_mnist_dir": sys.argv[1], "data_dir": sys.argv[2]})
+print(data.dataset_info(config).num_classes)
+"""
+
+
+def test_importing_and_opening_are_quiet(tiny_fashion_mnist, tfds_data_dir):
+  # Every CLI start imports pvt_jax.data and opens the dataset: TF's C++ INFO lines and tfds'
+  # "custom data configuration" warning would print each time.
+  data.dataset_info(make_config(fashion_mnist_dir=tiny_fashion_mnist, data_dir=tfds_data_dir))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  proc = subprocess.run([sys.executable, "-c", QUIET_CHILD, tiny_fashion_mnist, tfds_data_dir],
+                        env={**env, "PYTHONPATH": repo}, capture_output=True, text=True,
+                        timeout=120, check=True)
+  assert proc.stdout.split() == ["10"]
+  for noise in ("cpu_feature_guard", "Using custom data configuration"):
+    assert noise not in proc.stderr

@@ -5,8 +5,14 @@
   batches = eval_iterator(config)        # finite, padded to whole global batches with a mask
 """
 
-from pvt_jax.data.errors import DatasetError
-from pvt_jax.data.pipeline import (
+import os
+
+# Before TensorFlow's first import (pipeline.py, sources.py): its C++ runtime reads the level once.
+# Hides INFO/WARNING chatter (CPU-feature notice, tf.data warnings); errors still print.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pvt_jax.data.errors import DatasetError  # noqa: E402
+from pvt_jax.data.pipeline import (  # noqa: E402
     DatasetInfo,
     dataset_info,
     eval_iterator,

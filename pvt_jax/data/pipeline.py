@@ -235,6 +235,10 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
                        f"{index} of {count}")
   if cache:
     shard = shard.cache()
+    # Fill the in-memory cache with one full pass now. Left to the epoch pipelines, a pass that
+    # stops early (a run ending mid-epoch, a shuffle that never reaches the shard's end) makes
+    # tf.data discard the partial cache, read the files again and warn.
+    shard.reduce(np.int64(0), lambda count, _: count + 1)
   # Repeated augmentation shows only the first 1 / R of each epoch's records: from a cached
   # shard shuffle fully so that this subset is uniform, else use the configured buffer.
   buffer = (shard_size if cache and repeats > 1

@@ -9,7 +9,9 @@ Every source yields {'image', 'label', 'name'} records; 'image' is still encoded
 parallel map of the input pipeline, where corrupt files can be reported (see pipeline.py).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 
 import tensorflow as tf
@@ -106,13 +108,40 @@ def _fashion_mnist(directory: str, data_dir: str | None) -> Source:
     raise DatasetError(f"Fashion-MNIST idx files missing in {directory}: {', '.join(missing)} "
                        f"(.gz or not); install them with `{fashion_mnist.INSTALL_HINT}` or "
                        f"set config.fashion_mnist_dir")
-  builder = fashion_mnist.FashionMnistLocal(source_dir=directory, data_dir=data_dir)
   try:
-    builder.download_and_prepare()
+    builder = _prepared(lambda: fashion_mnist.FashionMnistLocal(source_dir=directory,
+                                                                data_dir=data_dir))
   except ValueError as e:  # malformed idx file (read_idx names it)
     raise DatasetError(str(e)) from None
   return Source("fashion_mnist", builder, "image", "label", None, encoded=False,
                 num_classes=len(fashion_mnist.CLASS_NAMES), splits_by_slicing=True)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+  """An inter-process lock on `path`.lock: processes sharing a data dir (multi-host launches,
+  SLURM tasks on one NFS home) must not prepare the same dataset at once — tfds' final rename
+  then fails in all but one of them. Remote dirs (gs://...) are left unlocked: prepare those once
+  beforehand."""
+  if "://" in path:
+    yield
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def _prepared(make_builder, **prepare_kwargs):
+  """A prepared builder; the first process to get the lock prepares it, the others reuse it."""
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  with _exclusive(str(builder.data_dir)):
+    builder = make_builder()  # re-read: another process may have prepared it meanwhile
+    if not builder.is_prepared():
+      builder.download_and_prepare(**prepare_kwargs)
+  return builder
 
 
 def _image_folder(root: str) -> Source:
@@ -147,7 +176,8 @@ def _tfds(name: str, data_dir: str | None, manual_dir: str | None) -> Source:
     logging.info("preparing %s in %s (tfds may download it)", name, builder.data_dir)
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
-      builder.download_and_prepare(download_config=download_config)
+      builder = _prepared(lambda: tfds.builder(name, data_dir=data_dir),
+                          download_config=download_config)
     except AssertionError as e:  # tfds' way of saying manual files are missing
       raise DatasetError(f"cannot prepare {name}: {' '.join(str(e).split())}") from None
   features = builder.info.features

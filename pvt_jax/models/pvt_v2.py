@@ -7,7 +7,8 @@ throughout; any input of at least 32x32 pixels works, square or not.
 """
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -19,6 +19,10 @@ flags.DEFINE_string("coordinator_address", None,
                     "(TPU pods, SLURM and Open MPI are detected automatically)")
 flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator_address)")
 flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+flags.DEFINE_bool("distributed", False,
+                  "always call jax.distributed.initialize() and let JAX find the cluster: for TPU "
+                  "pods, whose workers learn their peers from the metadata server, not the "
+                  "environment (launch/tpu_pod.sh passes it)")
 
 
 def fail(message: str) -> None:
@@ -71,6 +75,6 @@ def initialize_distributed() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process
     jax.distributed.initialize(coordinator_address=f.coordinator_address,
                                num_processes=f.num_processes, process_id=f.process_id)
-  elif _cluster_detected():
+  elif f.distributed or _cluster_detected():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()

@@ -1,0 +1,550 @@
+"""Speed, memory and FLOPs of pvt_jax against timm's PyTorch PVT v2, measured in one process.
+
+  python -m pvt_jax.benchmark --variants=b0,b2 --output_dir=/tmp/bench
+
+For each variant: inference and training-step images/s of pvt_jax (jit-compiled, warmed) and of
+timm (eager; `--torch_compile` adds torch.compile), timed alternately repeat after repeat so that
+both see the same machine load; compile times; peak memory; XLA's FLOP count against the paper's
+and against this machine's measured fp32 matmul peak. Then a resolution sweep (inference time and
+memory against pixel count, with a linear fit) and the input pipeline's images/s. Writes
+`results.json`, `results.md` (the README table, with the command that made it) and
+`benchmark.png` into --output_dir.
+"""
+
+import contextlib
+import ctypes
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from pvt_jax.models import VARIANTS, create_model
+
+# Paper / official GMACs at 224x224 (REFERENCE.md); one multiply-add = 2 FLOPs.
+PAPER_GMACS = {"b0": 0.57, "b1": 2.12, "b2": 4.05, "b2_li": 3.91, "b3": 6.92, "b4": 10.14,
+               "b5": 11.76}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NUM_CLASSES = 1000
+
+
+class BenchmarkError(Exception):
+  """Bad benchmark settings, reported as one line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+  variants: tuple[str, ...]
+  resolution: int
+  batch_size: int
+  dtype: str
+  repeats: int
+  torch_compile: bool
+  sweep_variants: tuple[str, ...]
+  sweep_resolutions: tuple[int, ...]
+  sweep_batch_size: int
+  sweep_repeats: int
+  matmul_size: int
+  input_batches: int
+  fashion_mnist_dir: str
+
+
+def check_settings(s: Settings) -> None:
+  for v in s.variants + s.sweep_variants:
+    if v not in VARIANTS:
+      raise BenchmarkError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+  for r in (s.resolution,) + s.sweep_resolutions:
+    if r < 32:
+      raise BenchmarkError(f"resolution {r} is below PVT v2's minimum of 32 px")
+  if min(s.batch_size, s.sweep_batch_size, s.repeats, s.sweep_repeats) < 1:
+    raise BenchmarkError("batch sizes and repeats must be at least 1")
+  if s.dtype not in DTYPES:
+    raise BenchmarkError(f"unknown dtype {s.dtype!r}; choose from {', '.join(DTYPES)}")
+
+
+def tune_malloc() -> bool:
+  """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
+
+  With default settings every buffer above 32 MiB is a fresh mmap, so each step first-touches
+  (page-faults) all its activations: on this CPU that alone doubles the time of memory-bound
+  ops, for XLA and PyTorch alike. Applied to the whole process, i.e. to both frameworks.
+  """
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return False
+  m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+  return all([libc.mallopt(m_mmap_threshold, 512 << 20), libc.mallopt(m_trim_threshold, 2**31 - 1),
+              libc.mallopt(m_top_pad, 256 << 20)])
+
+
+def spread(seconds, images: int) -> dict:
+  """Median, quartiles and extremes of repeated timings, as seconds and images/s."""
+  t = np.asarray(seconds, np.float64)
+  q1, med, q3 = np.percentile(t, [25, 50, 75])
+  return {"seconds": t.tolist(), "median_s": med, "q1_s": q1, "q3_s": q3, "min_s": t.min(),
+          "max_s": t.max(), "img_per_s": images / med, "img_per_s_iqr": [images / q3, images / q1]}
+
+
+def time_interleaved(fns: dict, repeats: int) -> dict:
+  """Seconds per call of every function, calling them in turn `repeats` times (after one warmup
+  call each), so that slow phases of a shared machine hit all of them alike."""
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def measure_matmul_peak(n: int, repeats: int = 5) -> dict:
+  """fp32 FLOP/s of one big jitted square matmul: the practical peak of this backend."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, a))
+  t = time_interleaved({"mm": lambda: jax.block_until_ready(f(a, a))}, repeats)["mm"]
+  return {"n": n, "seconds": t, "gflops_per_s": 2 * n**3 / np.median(t) / 1e9,
+          "best_gflops_per_s": 2 * n**3 / min(t) / 1e9}
+
+
+def xla_memory(compiled) -> dict:
+  """XLA's static buffer plan: peak = arguments + outputs + temporaries - donated aliases."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
+  return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+          "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+          "peak_bytes": peak}
+
+
+def xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+class JaxModel:
+  """A compiled inference function and a compiled AdamW train step (params donated)."""
+
+  def __init__(self, variant: str, batch: int, height: int, width: int, dtype: str):
+    self.model = create_model(variant, NUM_CLASSES, dtype=DTYPES[dtype])
+    rng = np.random.default_rng(0)
+    self.images = jnp.asarray(rng.standard_normal((batch, height, width, 3), np.float32))
+    self.labels = jax.nn.one_hot(rng.integers(0, NUM_CLASSES, batch), NUM_CLASSES)
+    self.params = jax.jit(self.model.init)(jax.random.key(0), self.images[:1])["params"]
+    self.tx = optax.adamw(1e-3, weight_decay=0.05)
+    self.opt_state = self.tx.init(self.params)
+
+  def compile_inference(self):
+    start = time.perf_counter()
+    compiled = jax.jit(self._logits).lower(self.params, self.images).compile()
+    return compiled, time.perf_counter() - start
+
+  def compile_train(self):
+    start = time.perf_counter()
+    compiled = jax.jit(self._train_step, donate_argnums=(0, 1)).lower(
+        self.params, self.opt_state, self.images, self.labels).compile()
+    return compiled, time.perf_counter() - start
+
+  def _logits(self, params, images):
+    return self.model.apply({"params": params}, images)
+
+  def _train_step(self, params, opt_state, images, labels):
+    def loss_fn(p):
+      return optax.softmax_cross_entropy(self._logits(p, images), labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def inference_fn(self, compiled):
+    return lambda: jax.block_until_ready(compiled(self.params, self.images))
+
+  def train_fn(self, compiled):
+    def step():
+      self.params, self.opt_state, loss = compiled(self.params, self.opt_state, self.images,
+                                                   self.labels)
+      jax.block_until_ready(loss)
+    return step
+
+
+class TorchModel:
+  """timm's PVT v2 with the same batch (NCHW) and an AdamW step on soft-target cross-entropy."""
+
+  def __init__(self, variant: str, batch: int, height: int, width: int, dtype: str,
+               compile_model: bool = False):
+    import timm
+    import torch
+    self.torch = torch
+    torch.manual_seed(0)
+    self.module = timm.create_model(f"pvt_v2_{variant}", num_classes=NUM_CLASSES)
+    self.net = self.module
+    self.compile_error = None
+    if compile_model:
+      self.net = torch.compile(self.module)
+    rng = np.random.default_rng(0)
+    self.images = torch.from_numpy(rng.standard_normal((batch, 3, height, width), np.float32))
+    self.labels = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch))
+    self.opt = torch.optim.AdamW(self.module.parameters(), lr=1e-3, weight_decay=0.05)
+    self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+                     else contextlib.nullcontext())
+
+  def infer(self):
+    self.module.eval()
+    with self.torch.inference_mode() if self.net is self.module else self.torch.no_grad():
+      with self.autocast:
+        self.net(self.images)
+
+  def train_step(self):
+    self.module.train()
+    self.opt.zero_grad(set_to_none=True)
+    with self.autocast:
+      loss = self.torch.nn.functional.cross_entropy(self.net(self.images), self.labels)
+    loss.backward()
+    self.opt.step()
+
+
+def _peak_rss_bytes() -> int:
+  """This process's RSS high-water mark. Not ru_maxrss: Linux carries that over an exec from
+  the parent, so a spawned child would inherit the benchmark's own peak."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _torch_peak_probe(variant, batch, height, width, dtype, queue):
+  """In a fresh process: growth of peak RSS over one inference, then over two train steps."""
+  import torch
+  model = TorchModel(variant, batch, height, width, dtype)
+  base = _peak_rss_bytes()
+  model.infer()
+  after_infer = _peak_rss_bytes()
+  model.train_step()
+  model.train_step()
+  queue.put({"inference_rss_growth_bytes": after_infer - base,
+             "train_rss_growth_bytes": _peak_rss_bytes() - base,
+             "torch_threads": torch.get_num_threads()})
+
+
+def torch_peak_memory(variant, batch, height, width, dtype) -> dict:
+  """Peak-RSS growth of timm, measured in a spawned process so JAX's buffers don't mask it."""
+  ctx = multiprocessing.get_context("spawn")
+  queue = ctx.Queue()
+  proc = ctx.Process(target=_torch_peak_probe, args=(variant, batch, height, width, dtype, queue))
+  proc.start()
+  try:
+    result = queue.get(timeout=1800)
+  finally:
+    proc.join()
+  return result
+
+
+def compare_variant(variant: str, s: Settings, peak_flops: float) -> dict:
+  """Interleaved pvt_jax vs timm timings for inference and one training step."""
+  r, b = s.resolution, s.batch_size
+  jx = JaxModel(variant, b, r, r, s.dtype)
+  infer, infer_compile_s = jx.compile_inference()
+  train, train_compile_s = jx.compile_train()
+  flops_infer, flops_train = xla_flops(infer), xla_flops(train)
+  fns = {"jax_inference": jx.inference_fn(infer), "jax_train": jx.train_fn(train)}
+  tm = TorchModel(variant, b, r, r, s.dtype)
+  fns.update(torch_inference=tm.infer, torch_train=tm.train_step)
+  result = {"variant": variant, "resolution": r, "batch_size": b, "dtype": s.dtype,
+            "jax_compile_s": {"inference": infer_compile_s, "train": train_compile_s},
+            "jax_memory": {"inference": xla_memory(infer), "train": xla_memory(train)}}
+  if s.torch_compile:
+    result["torch_compile"] = _try_torch_compile(variant, s, fns)
+  times = time_interleaved(fns, s.repeats)
+  result["timings"] = {name: spread(t, b) for name, t in times.items()}
+  for mode in ("inference", "train"):
+    jt, tt = np.asarray(times[f"jax_{mode}"]), np.asarray(times[f"torch_{mode}"])
+    result[f"{mode}_speedup"] = {"ratio_of_medians": float(np.median(tt) / np.median(jt)),
+                                 "per_repeat": (tt / jt).tolist()}
+  gflops_paper = 2 * PAPER_GMACS[variant] * (r * r) / 224**2
+  med_infer = result["timings"]["jax_inference"]["median_s"]
+  result["flops"] = {
+      "xla_inference_gflops_per_image": flops_infer / b / 1e9,
+      "xla_train_gflops_per_image": flops_train / b / 1e9,
+      "paper_gflops_per_image": gflops_paper,
+      "achieved_inference_gflops_per_s": flops_infer / med_infer / 1e9,
+      "achieved_paper_gflops_per_s": gflops_paper * b / med_infer,
+      "fraction_of_matmul_peak": flops_infer / med_infer / peak_flops,
+      "train_fraction_of_matmul_peak":
+          flops_train / result["timings"]["jax_train"]["median_s"] / peak_flops,
+  }
+  result["torch_memory"] = torch_peak_memory(variant, b, r, r, s.dtype)
+  return result
+
+
+def _try_torch_compile(variant: str, s: Settings, fns: dict) -> dict:
+  """torch.compile'd timm: adds it to `fns` when compiling works, else records why not."""
+  r, b = s.resolution, s.batch_size
+  try:
+    tc = TorchModel(variant, b, r, r, s.dtype, compile_model=True)
+    start = time.perf_counter()
+    tc.infer()
+    infer_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tc.train_step()
+    train_s = time.perf_counter() - start
+  except Exception as e:  # noqa: BLE001 - any compiler failure is a result to report
+    return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+  fns.update(torch_compiled_inference=tc.infer, torch_compiled_train=tc.train_step)
+  return {"ok": True, "first_call_s": {"inference": infer_s, "train": train_s}}
+
+
+def resolution_sweep(s: Settings) -> dict:
+  """Inference time and XLA peak memory against pixel count, with least-squares line fits."""
+  out = {}
+  for variant in s.sweep_variants:
+    rows = []
+    for r in s.sweep_resolutions:
+      jx = JaxModel(variant, s.sweep_batch_size, r, r, s.dtype)
+      compiled, compile_s = jx.compile_inference()
+      t = time_interleaved({"f": jx.inference_fn(compiled)}, s.sweep_repeats)["f"]
+      rows.append({"resolution": r, "pixels": r * r, "median_s": float(np.median(t)),
+                   "min_s": float(min(t)), "max_s": float(max(t)), "compile_s": compile_s,
+                   "peak_bytes": xla_memory(compiled).get("peak_bytes"),
+                   "gflops": xla_flops(compiled) / 1e9})
+      del jx, compiled
+    out[variant] = {"rows": rows, "time_fit": _line_fit(rows, "median_s"),
+                    "memory_fit": _line_fit(rows, "peak_bytes"),
+                    "flops_fit": _line_fit(rows, "gflops")}
+  return out
+
+
+def _line_fit(rows, key) -> dict:
+  """y = a * pixels + b; r2 near 1 means linear growth, `per_pixel_growth` > 1 faster than it."""
+  x = np.asarray([row["pixels"] for row in rows], np.float64)
+  y = np.asarray([row[key] for row in rows], np.float64)
+  if len(x) < 2:
+    return {}
+  slope, intercept = np.polyfit(x, y, 1)
+  pred = slope * x + intercept
+  ss_tot = float(((y - y.mean()) ** 2).sum())
+  r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+  # Cost per pixel at the largest size over the cost per pixel at the smallest: ~1 when linear.
+  growth = (y[-1] / x[-1]) / (y[0] / x[0])
+  return {"slope": float(slope), "intercept": float(intercept), "r2": r2,
+          "per_pixel_growth": float(growth)}
+
+
+def input_pipeline(s: Settings) -> dict:
+  """Images/s of pvt_jax.data's training pipeline with the official ImageNet augmentation, fed
+  from the local Fashion-MNIST files (small PNG-free idx images, so decoding is cheap)."""
+  try:
+    from configs import common
+    from pvt_jax import data
+  except ImportError as e:
+    return {"ok": False, "error": f"data pipeline unavailable: {e}"}
+  if not hasattr(data, "measure_throughput"):
+    return {"ok": False, "error": "pvt_jax.data.measure_throughput does not exist"}
+  config = common.get_config(s.variants[0], "imagenet")
+  config.dataset = "fashion_mnist"
+  config.fashion_mnist_dir = s.fashion_mnist_dir
+  config.image_size = s.resolution
+  config.batch_size = s.batch_size
+  config.shuffle_buffer = 1000
+  try:
+    rate = data.measure_throughput(config, s.input_batches)
+  except Exception as e:  # noqa: BLE001 - a failing pipeline is reported, not fatal
+    return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+  return {"ok": True, "img_per_s": rate, "batches": s.input_batches,
+          "dataset": "fashion_mnist (local idx files)", "augmentation": "imagenet recipe"}
+
+
+def environment(malloc_tuned: bool) -> dict:
+  import timm
+  import torch
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+          "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
+          "torch": torch.__version__, "timm": timm.__version__,
+          "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "malloc_tuned": malloc_tuned, "machine": platform.processor() or platform.machine()}
+
+
+def _mib(n):
+  return f"{n / 2**20:,.0f}" if n is not None else "n/a"
+
+
+def markdown(results: dict) -> str:
+  """The README table: one row per variant, then the sweep and the context lines."""
+  env, peak = results["environment"], results["matmul_peak"]
+  lines = [
+      f"Command: `{results['command']}`", "",
+      f"Machine: {env['cpu_count']} CPU cores ({env['backend']}), load average at start "
+      f"{env['load_average'][0]:.1f}; jax {env['jax']}, torch {env['torch']} "
+      f"({env['torch_threads']} threads), timm {env['timm']}; glibc malloc tuned: "
+      f"{env['malloc_tuned']}. Measured fp32 matmul peak "
+      f"({peak['n']}x{peak['n']}): {peak['gflops_per_s']:.1f} GFLOP/s.", "",
+      "| variant | res | batch | dtype | inference img/s jax (IQR) | timm eager | speed-up "
+      "| train img/s jax (IQR) | timm eager | speed-up | jax compile s (inf/train) "
+      "| jax peak MiB (inf/train) | timm peak RSS growth MiB (inf/train) "
+      "| GFLOPs/img XLA (paper) | inference GFLOP/s (% matmul peak) |",
+      "|---" * 15 + "|",
+  ]
+  for r in results["variants"]:
+    t, f = r["timings"], r["flops"]
+    def rate(name, t=t):
+      x = t[name]
+      return f"{x['img_per_s']:.2f} ({x['img_per_s_iqr'][0]:.2f}-{x['img_per_s_iqr'][1]:.2f})"
+    jm, tmem = r["jax_memory"], r["torch_memory"]
+    lines.append(
+        f"| {r['variant']} | {r['resolution']} | {r['batch_size']} | {r['dtype']} "
+        f"| {rate('jax_inference')} | {t['torch_inference']['img_per_s']:.2f} "
+        f"| {r['inference_speedup']['ratio_of_medians']:.2f}x "
+        f"| {rate('jax_train')} | {t['torch_train']['img_per_s']:.2f} "
+        f"| {r['train_speedup']['ratio_of_medians']:.2f}x "
+        f"| {r['jax_compile_s']['inference']:.1f} / {r['jax_compile_s']['train']:.1f} "
+        f"| {_mib(jm['inference'].get('peak_bytes'))} / {_mib(jm['train'].get('peak_bytes'))} "
+        f"| {_mib(tmem['inference_rss_growth_bytes'])} / {_mib(tmem['train_rss_growth_bytes'])} "
+        f"| {f['xla_inference_gflops_per_image']:.2f} ({f['paper_gflops_per_image']:.2f}) "
+        f"| {f['achieved_inference_gflops_per_s']:.1f} "
+        f"({100 * f['fraction_of_matmul_peak']:.0f}%) |")
+    tc = r.get("torch_compile")
+    if tc and tc["ok"]:
+      lines.append(f"|  |  |  | torch.compile | | {t['torch_compiled_inference']['img_per_s']:.2f} "
+                   f"| | | {t['torch_compiled_train']['img_per_s']:.2f} | | "
+                   f"first calls {tc['first_call_s']['inference']:.0f} / "
+                   f"{tc['first_call_s']['train']:.0f} s | | | | |")
+    elif tc:
+      lines.append(f"\ntorch.compile failed for {r['variant']}: {tc['error']}\n")
+  if results.get("sweep"):
+    lines += ["", "Resolution sweep (pvt_jax inference, batch "
+              f"{results['settings']['sweep_batch_size']}): seconds / XLA peak MiB", "",
+              "| variant | " + " | ".join(f"{row['resolution']}px" for row in
+                                          next(iter(results["sweep"].values()))["rows"])
+              + " | time vs pixels: R² of line, per-pixel growth |",
+              "|---" * (2 + len(next(iter(results["sweep"].values()))["rows"])) + "|"]
+    for v, sw in results["sweep"].items():
+      cells = " | ".join(f"{row['median_s']:.2f} / {_mib(row['peak_bytes'])}" for row in sw["rows"])
+      fit = sw["time_fit"]
+      lines.append(f"| {v} | {cells} | R² {fit.get('r2', float('nan')):.3f}, "
+                   f"{fit.get('per_pixel_growth', float('nan')):.2f}x |")
+  ip = results.get("input_pipeline")
+  if ip:
+    lines += ["", (f"Input pipeline: {ip['img_per_s']:.1f} img/s ({ip['dataset']}, "
+                   f"{ip['augmentation']} augmentation)") if ip["ok"]
+              else f"Input pipeline: not measured ({ip['error']})"]
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+  """Time and memory against pixel count for every swept variant."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for v, sw in results["sweep"].items():
+    px = np.asarray([row["pixels"] for row in sw["rows"]]) / 1e6
+    ax_t.plot(px, [row["median_s"] for row in sw["rows"]], "o-", label=v)
+    ax_m.plot(px, [row["peak_bytes"] / 2**20 for row in sw["rows"]], "o-", label=v)
+  ax_t.set(xlabel="megapixels per image", ylabel="inference seconds per batch",
+           title="time vs pixels")
+  ax_m.set(xlabel="megapixels per image", ylabel="XLA peak MiB", title="memory vs pixels")
+  for ax in (ax_t, ax_m):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(s: Settings, output_dir: str, command: str, malloc: bool) -> dict:
+  check_settings(s)
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise BenchmarkError(f"cannot create output directory {output_dir}: {e.strerror}") from e
+  malloc_tuned = tune_malloc() if malloc else False
+  peak = measure_matmul_peak(s.matmul_size)
+  results = {"command": command, "settings": s.__dict__, "environment": environment(malloc_tuned),
+             "matmul_peak": peak, "variants": []}
+  for variant in s.variants:
+    results["variants"].append(compare_variant(variant, s, peak["gflops_per_s"] * 1e9))
+  results["sweep"] = resolution_sweep(s) if s.sweep_variants else {}
+  results["input_pipeline"] = input_pipeline(s) if s.input_batches else None
+  with open(os.path.join(output_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+  table = markdown(results)
+  with open(os.path.join(output_dir, "results.md"), "w") as f:
+    f.write(table)
+  if results["sweep"]:
+    plot(results, os.path.join(output_dir, "benchmark.png"))
+  print(table)
+  return results
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_list("variants", ["b0", "b2"], "Variants compared with timm.")
+  flags.DEFINE_integer("resolution", 224, "Square input size of the comparison.")
+  flags.DEFINE_integer("batch_size", 16, "Batch size of the comparison.")
+  flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (torch: autocast).")
+  flags.DEFINE_integer("repeats", 7, "Timed repeats per measurement (after one warmup).")
+  flags.DEFINE_bool("torch_compile", False, "Also time torch.compile'd timm (slow to compile).")
+  flags.DEFINE_list("sweep_variants", ["b2", "b2_li"], "Variants of the resolution sweep.")
+  flags.DEFINE_list("sweep_resolutions", ["224", "384", "512", "768", "1024"],
+                    "Square sizes of the resolution sweep.")
+  flags.DEFINE_integer("sweep_batch_size", 1, "Batch size of the resolution sweep.")
+  flags.DEFINE_integer("sweep_repeats", 3, "Timed repeats per sweep point.")
+  flags.DEFINE_integer("matmul_size", 4096, "Side of the square matmul that measures the peak.")
+  flags.DEFINE_integer("input_batches", 20, "Batches timed of the input pipeline (0 skips).")
+  flags.DEFINE_string("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist",
+                      "Fashion-MNIST idx files feeding the input-pipeline measurement.")
+  flags.DEFINE_bool("tune_malloc", True, "Keep freed memory in the heap (both frameworks).")
+  flags.DEFINE_bool("quick", False, "Tiny settings for tests: b0, 32 px, batch 2, 2 repeats, "
+                    "no input pipeline.")
+  flags.DEFINE_string("output_dir", None, "Where results.json/.md and benchmark.png go.")
+  flags.mark_flag_as_required("output_dir")
+
+
+def settings_from_flags() -> Settings:
+  try:
+    sweep_resolutions = tuple(int(r) for r in FLAGS.sweep_resolutions)
+  except ValueError as e:
+    raise BenchmarkError(f"--sweep_resolutions must be integers: {e}") from e
+  s = Settings(tuple(FLAGS.variants), FLAGS.resolution, FLAGS.batch_size, FLAGS.dtype,
+               FLAGS.repeats, FLAGS.torch_compile, tuple(FLAGS.sweep_variants), sweep_resolutions,
+               FLAGS.sweep_batch_size, FLAGS.sweep_repeats, FLAGS.matmul_size, FLAGS.input_batches,
+               FLAGS.fashion_mnist_dir)
+  if FLAGS.quick:
+    s = Settings(("b0",), 32, 2, FLAGS.dtype, 2, False, ("b0",), (32, 64), 1, 2, 256, 0,
+                 FLAGS.fashion_mnist_dir)
+  return s
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  command = "python -m pvt_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  try:
+    run(settings_from_flags(), FLAGS.output_dir, command, FLAGS.tune_malloc)
+  except BenchmarkError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

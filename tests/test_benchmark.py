@@ -1,0 +1,109 @@
+"""The benchmark CLI end to end (quick mode) and its measuring helpers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pvt_jax import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, "-m", "pvt_jax.benchmark", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  proc = _cli("--quick", f"--output_dir={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out / "results.json") as f:
+    return out, json.load(f), proc.stdout
+
+
+def test_quick_run_times_both_frameworks_alternately(quick_run):
+  _, results, _ = quick_run
+  (row,) = results["variants"]
+  assert (row["variant"], row["resolution"], row["batch_size"]) == ("b0", 32, 2)
+  for name in ("jax_inference", "jax_train", "torch_inference", "torch_train"):
+    t = row["timings"][name]
+    assert len(t["seconds"]) == 2 and all(s > 0 for s in t["seconds"])
+    assert t["min_s"] <= t["median_s"] <= t["max_s"]
+    assert t["img_per_s"] == pytest.approx(2 / t["median_s"])
+  for mode in ("inference", "train"):
+    ratio = row[f"{mode}_speedup"]["ratio_of_medians"]
+    want = row["timings"][f"torch_{mode}"]["median_s"] / row["timings"][f"jax_{mode}"]["median_s"]
+    assert ratio == pytest.approx(want)
+
+
+def test_quick_run_reports_compile_memory_and_flops(quick_run):
+  _, results, _ = quick_run
+  row = results["variants"][0]
+  assert row["jax_compile_s"]["inference"] > 0 and row["jax_compile_s"]["train"] > 0
+  # Training keeps activations for the backward pass: more memory than inference.
+  assert row["jax_memory"]["train"]["peak_bytes"] > row["jax_memory"]["inference"]["peak_bytes"]
+  assert row["torch_memory"]["train_rss_growth_bytes"] >= 0
+  flops = row["flops"]
+  # The paper's 0.57 GMACs at 224 px, scaled to 32 px; XLA also counts norms and softmax.
+  assert flops["paper_gflops_per_image"] == pytest.approx(2 * 0.57 * 32**2 / 224**2)
+  assert 0.8 < flops["xla_inference_gflops_per_image"] / flops["paper_gflops_per_image"] < 2.5
+  assert 2 < flops["xla_train_gflops_per_image"] / flops["xla_inference_gflops_per_image"] < 5
+  assert results["matmul_peak"]["gflops_per_s"] > 0
+
+
+def test_quick_run_writes_table_plot_and_sweep(quick_run):
+  out, results, stdout = quick_run
+  table = (out / "results.md").read_text()
+  assert "python -m pvt_jax.benchmark --quick" in table
+  assert "| b0 | 32 | 2 | float32 |" in table
+  assert table in stdout
+  assert (out / "benchmark.png").stat().st_size > 1000
+  rows = results["sweep"]["b0"]["rows"]
+  assert [r["resolution"] for r in rows] == [32, 64]
+  assert rows[1]["gflops"] > rows[0]["gflops"]
+
+
+def test_bad_variant_is_a_one_line_error(tmp_path):
+  proc = _cli("--variants=b9", f"--output_dir={tmp_path}", timeout=120)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: unknown variant 'b9'; choose from b0, b1, b2, b2_li, b3, b4, b5")
+  assert "Traceback" not in proc.stderr
+
+
+def test_line_fit_tells_linear_from_quadratic_growth():
+  px = [224**2, 512**2, 1024**2]
+  linear = benchmark._line_fit([{"pixels": p, "y": 3e-6 * p + 0.5} for p in px], "y")
+  assert linear["r2"] == pytest.approx(1.0)
+  assert linear["slope"] == pytest.approx(3e-6)
+  quadratic = benchmark._line_fit([{"pixels": p, "y": 1e-12 * p * p} for p in px], "y")
+  assert quadratic["per_pixel_growth"] == pytest.approx(1024**2 / 224**2)
+
+
+def test_time_interleaved_alternates_calls():
+  calls = []
+  times = benchmark.time_interleaved({"a": lambda: calls.append("a"),
+                                      "b": lambda: calls.append("b")}, repeats=3)
+  assert calls == ["a", "b"] * 4  # one warmup round, then three timed rounds
+  assert [len(t) for t in times.values()] == [3, 3]
+
+
+def test_spread_reports_median_and_quartiles():
+  s = benchmark.spread([4.0, 1.0, 2.0, 3.0, 5.0], images=10)
+  assert (s["median_s"], s["q1_s"], s["q3_s"], s["min_s"], s["max_s"]) == (3, 2, 4, 1, 5)
+  np.testing.assert_allclose(s["img_per_s_iqr"], [10 / 4, 10 / 2])
+
+
+def test_input_pipeline_hook_measures_data_throughput(tiny_fashion_mnist):
+  s = benchmark.Settings(("b0",), 32, 4, "float32", 1, False, (), (), 1, 1, 64, 2,
+                         tiny_fashion_mnist)
+  result = benchmark.input_pipeline(s)
+  assert result["ok"], result
+  assert result["img_per_s"] > 0
