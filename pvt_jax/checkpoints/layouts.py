@@ -120,29 +120,24 @@ def from_official(state_dict: dict, fmt: str) -> dict:
 
 
 # Flax kernels are [in, out] and [kh, kw, in / groups, out]; PyTorch weights are [out, in] and
-# [out, in / groups, kh, kw]. 1-D `weight`s are LayerNorm scales.
+# [out, in / groups, kh, kw]. 1-D `weight`s are LayerNorm scales and keep their layout.
+_TORCH_TO_FLAX = {2: (1, 0), 4: (2, 3, 1, 0)}
+_FLAX_TO_TORCH = {2: (1, 0), 4: (3, 2, 0, 1)}
+
+
 def _to_flax_array(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 2:
-    return np.ascontiguousarray(value.T)
-  if value.ndim == 4:
-    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-  return value
+  axes = _TORCH_TO_FLAX.get(value.ndim)
+  return value if axes is None else np.ascontiguousarray(value.transpose(axes))
 
 
 def _to_torch_array(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 2:
-    return np.ascontiguousarray(value.T)
-  if value.ndim == 4:
-    return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
-  return value
+  axes = _FLAX_TO_TORCH.get(value.ndim)
+  return value if axes is None else np.ascontiguousarray(value.transpose(axes))
 
 
 def _torch_shape(shape: tuple) -> tuple:
-  if len(shape) == 2:
-    return shape[::-1]
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return shape
+  axes = _FLAX_TO_TORCH.get(len(shape))
+  return shape if axes is None else tuple(shape[axis] for axis in axes)
 
 
 def _flax_path(official_key: str, ndim: int) -> tuple[str, ...]:

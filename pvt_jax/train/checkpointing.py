@@ -65,7 +65,3 @@ def abstract_like(tree, shardings):
   """ShapeDtypeStructs carrying the target shardings, for `TrainCheckpoints.restore`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
-
-
-def has_checkpoints(workdir: str) -> bool:
-  return os.path.isdir(os.path.join(workdir, CHECKPOINT_SUBDIR))

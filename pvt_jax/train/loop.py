@@ -103,8 +103,7 @@ def load_init_params(config, params, params_shardings):
                       f"parameter tree")
   new = {name: jax.tree.map(global_array, value, params_shardings[name])
          for name, value in loaded.items()}
-  head = stored_head if keep_head else None
-  new["head"] = (jax.tree.map(global_array, head, params_shardings["head"]) if head
+  new["head"] = (jax.tree.map(global_array, stored_head, params_shardings["head"]) if keep_head
                  else params["head"])
   report(f"initialised from {config.init_from} ({'its' if keep_head else 'a new'} head)")
   return new
