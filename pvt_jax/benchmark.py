@@ -11,8 +11,13 @@ memory against pixel count, with a linear fit) and the input pipeline's images/s
 `benchmark.png` into --output_dir.
 """
 
+# ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
+from pvt_jax import allocator
+
+if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc()
+
 import contextlib
-import ctypes
 import json
 import multiprocessing
 import os
@@ -70,22 +75,6 @@ def check_settings(s: Settings) -> None:
     raise BenchmarkError("batch sizes and repeats must be at least 1")
   if s.dtype not in DTYPES:
     raise BenchmarkError(f"unknown dtype {s.dtype!r}; choose from {', '.join(DTYPES)}")
-
-
-def tune_malloc() -> bool:
-  """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
-
-  With default settings every buffer above 32 MiB is a fresh mmap, so each step first-touches
-  (page-faults) all its activations: on this CPU that alone doubles the time of memory-bound
-  ops, for XLA and PyTorch alike. Applied to the whole process, i.e. to both frameworks.
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-  return all([libc.mallopt(m_mmap_threshold, 512 << 20), libc.mallopt(m_trim_threshold, 2**31 - 1),
-              libc.mallopt(m_top_pad, 256 << 20)])
 
 
 def spread(seconds, images: int) -> dict:
@@ -370,7 +359,7 @@ def input_pipeline(s: Settings) -> dict:
           "dataset": "fashion_mnist (local idx files)", "augmentation": "imagenet recipe"}
 
 
-def environment(malloc_tuned: bool) -> dict:
+def environment() -> dict:
   import timm
   import torch
   return {"python": platform.python_version(), "jax": jax.__version__,
@@ -378,7 +367,8 @@ def environment(malloc_tuned: bool) -> dict:
           "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
           "torch": torch.__version__, "timm": timm.__version__,
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "malloc_tuned": malloc_tuned, "machine": platform.processor() or platform.machine()}
+          "allocator": allocator.active_allocator(),
+          "machine": platform.processor() or platform.machine()}
 
 
 def _mib(n):
@@ -392,8 +382,8 @@ def markdown(results: dict) -> str:
       f"Command: `{results['command']}`", "",
       f"Machine: {env['cpu_count']} CPU cores ({env['backend']}), load average at start "
       f"{env['load_average'][0]:.1f}; jax {env['jax']}, torch {env['torch']} "
-      f"({env['torch_threads']} threads), timm {env['timm']}; glibc malloc tuned: "
-      f"{env['malloc_tuned']}. Measured fp32 matmul peak "
+      f"({env['torch_threads']} threads), timm {env['timm']}; allocator (both): "
+      f"{env['allocator']}. Measured fp32 matmul peak "
       f"({peak['n']}x{peak['n']}): {peak['gflops_per_s']:.1f} GFLOP/s.", "",
       "| variant | res | batch | dtype | inference img/s jax (IQR) | timm eager | speed-up "
       "| train img/s jax (IQR) | timm eager | speed-up | jax compile s (inf/train) "
@@ -468,15 +458,14 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-def run(s: Settings, output_dir: str, command: str, malloc: bool) -> dict:
+def run(s: Settings, output_dir: str, command: str) -> dict:
   check_settings(s)
   try:
     os.makedirs(output_dir, exist_ok=True)
   except OSError as e:
     raise BenchmarkError(f"cannot create output directory {output_dir}: {e.strerror}") from e
-  malloc_tuned = tune_malloc() if malloc else False
   peak = measure_matmul_peak(s.matmul_size)
-  results = {"command": command, "settings": s.__dict__, "environment": environment(malloc_tuned),
+  results = {"command": command, "settings": s.__dict__, "environment": environment(),
              "matmul_peak": peak, "variants": []}
   for variant in s.variants:
     results["variants"].append(compare_variant(variant, s, peak["gflops_per_s"] * 1e9))
@@ -512,7 +501,6 @@ def define_flags():
   flags.DEFINE_integer("input_batches", 20, "Batches timed of the input pipeline (0 skips).")
   flags.DEFINE_string("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist",
                       "Fashion-MNIST idx files feeding the input-pipeline measurement.")
-  flags.DEFINE_bool("tune_malloc", True, "Keep freed memory in the heap (both frameworks).")
   flags.DEFINE_bool("quick", False, "Tiny settings for tests: b0, 32 px, batch 2, 2 repeats, "
                     "no input pipeline.")
   flags.DEFINE_string("output_dir", None, "Where results.json/.md and benchmark.png go.")
@@ -539,7 +527,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   command = "python -m pvt_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   try:
-    run(settings_from_flags(), FLAGS.output_dir, command, FLAGS.tune_malloc)
+    run(settings_from_flags(), FLAGS.output_dir, command)
   except BenchmarkError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -9,6 +9,12 @@ preprocessing (224 px, crop 0.875) unless flags say otherwise; a training workdi
 config (dataset, resolution), at its best checkpoint by top-1 (or --step). Prints one JSON line.
 """
 
+# ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
+from pvt_jax import allocator
+
+if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc()
+
 import json
 import os
 

@@ -8,6 +8,12 @@
 set with `--config.FIELD=VALUE`. A workdir with checkpoints is resumed from its latest one.
 """
 
+# ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
+from pvt_jax import allocator
+
+if __name__ == "__main__":
+  allocator.reexec_with_tcmalloc()
+
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from jax import lax
 
 from pvt_jax.models import ops
-from pvt_jax.models.pvt_v2 import gelu, layer_norm
+from pvt_jax.models.pvt_v2 import layer_norm
 
 TOL = dict(rtol=1e-5, atol=2e-5)
 
@@ -58,12 +58,13 @@ def test_patchify_conv_matches_torch_including_floor_of_odd_sizes(k, size):
 
 
 @pytest.mark.parametrize("size", [(56, 56), (7, 11), (1, 1), (2, 1)])
-def test_depthwise_conv_matches_torch(size):
+def test_depthwise_conv_gelu_matches_torch(size):
   rng = np.random.default_rng(2)
   c = 12
   x, w, b = _rand(rng, 3, *size, c), _rand(rng, 3, 3, 1, c), _rand(rng, c)
-  got = ops.depthwise_conv3x3(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
-  np.testing.assert_allclose(got, _torch_conv(x, w, b, padding=1, groups=c), **TOL)
+  got = ops.depthwise_conv3x3_gelu(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+  want = F.gelu(torch.from_numpy(_torch_conv(x, w, b, padding=1, groups=c))).numpy()
+  np.testing.assert_allclose(got, want, **TOL)
 
 
 def _grads(f, args, cotangent):
@@ -71,15 +72,21 @@ def _grads(f, args, cotangent):
   return out, pull(cotangent)
 
 
-@pytest.mark.parametrize("size", [(9, 6), (1, 1), (4, 3)])
-def test_depthwise_conv_gradients_match_xla_grouped_conv(size):
+# Pixel counts 108, 2, 24, 98, 110 and 1: the kernel gradient folds runs of 6, 2, 6, 7, 5, 1.
+@pytest.mark.parametrize("batch,size", [(2, (9, 6)), (2, (1, 1)), (2, (4, 3)), (2, (7, 7)),
+                                        (2, (5, 11)), (1, (1, 1))])
+def test_depthwise_conv_gelu_gradients_match_autodiff_of_xla_grouped_conv(batch, size):
   rng = np.random.default_rng(3)
   c = 8
-  args = tuple(jnp.asarray(a) for a in (_rand(rng, 2, *size, c), _rand(rng, 3, 3, 1, c),
+  args = tuple(jnp.asarray(a) for a in (_rand(rng, batch, *size, c), _rand(rng, 3, 3, 1, c),
                                         _rand(rng, c)))
-  g = jnp.asarray(_rand(rng, 2, *size, c))
-  out, got = _grads(ops.depthwise_conv3x3, args, g)
-  ref_out, want = _grads(lambda x, w, b: _xla_conv(x, w, b, 1, 1, groups=c), args, g)
+  g = jnp.asarray(_rand(rng, batch, *size, c))
+  out, got = _grads(ops.depthwise_conv3x3_gelu, args, g)
+
+  def reference(x, w, b):
+    return jax.nn.gelu(_xla_conv(x, w, b, 1, 1, groups=c), approximate=False)
+
+  ref_out, want = _grads(reference, args, g)
   np.testing.assert_allclose(out, ref_out, **TOL)
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
@@ -126,7 +133,11 @@ def test_layer_norm_matches_torch(eps):
   assert isinstance(ln, nn.LayerNorm)
 
 
-def test_gelu_is_torch_exact_erf_gelu():
+def test_gelu_is_torch_exact_erf_gelu_with_its_gradient():
   x = np.linspace(-8, 8, 1001, dtype=np.float32)
-  np.testing.assert_allclose(gelu(jnp.asarray(x)), F.gelu(torch.from_numpy(x)).numpy(),
+  np.testing.assert_allclose(ops.gelu(jnp.asarray(x)), F.gelu(torch.from_numpy(x)).numpy(),
+                             rtol=1e-6, atol=1e-6)
+  tx = torch.from_numpy(x).requires_grad_()
+  F.gelu(tx).sum().backward()
+  np.testing.assert_allclose(jax.vmap(jax.grad(ops.gelu))(jnp.asarray(x)), tx.grad.numpy(),
                              rtol=1e-6, atol=1e-6)

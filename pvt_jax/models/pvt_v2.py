@@ -49,11 +49,6 @@ depthwise_init = nn.initializers.normal(stddev=float(np.sqrt(2.0 / 9.0)))  # fan
 Dtype = Any
 
 
-def gelu(x):
-  """Exact (erf) GELU, as `torch.nn.GELU()`; the tanh approximation differs by up to ~1e-3."""
-  return nn.gelu(x, approximate=False)
-
-
 class Conv(nn.Module):
   """Conv2d parameters in Flax layout [kh, kw, in, out], applied by `ops` with PyTorch padding."""
   features: int
@@ -73,8 +68,8 @@ class Conv(nn.Module):
     return ops.conv2d(x, kernel, bias, stride=self.stride, padding=self.padding)
 
 
-class DepthwiseConv3x3(nn.Module):
-  """The 3x3 depthwise conv of the convolutional FFN (`mlp.dwconv.dwconv` officially)."""
+class DepthwiseConv3x3GELU(nn.Module):
+  """The FFN's 3x3 depthwise conv (`mlp.dwconv.dwconv` officially) and the GELU after it."""
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -82,7 +77,7 @@ class DepthwiseConv3x3(nn.Module):
     c = x.shape[-1]
     kernel = self.param("kernel", depthwise_init, (3, 3, 1, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return ops.depthwise_conv3x3(x.astype(self.dtype), kernel, bias)
+    return ops.depthwise_conv3x3_gelu(x.astype(self.dtype), kernel, bias)
 
 
 def dense(features, dtype, name):
@@ -130,7 +125,7 @@ class SpatialReductionAttention(nn.Module):
     if self.linear:
       kv_map = ops.adaptive_avg_pool(x.astype(self.dtype), 7)
       kv_map = Conv(c, 1, dtype=self.dtype, name="sr")(kv_map)
-      kv_map = gelu(layer_norm(1e-5, self.dtype, "norm")(kv_map))
+      kv_map = ops.gelu(layer_norm(1e-5, self.dtype, "norm")(kv_map))
     elif self.sr_ratio > 1:
       kv_map = Conv(c, self.sr_ratio, self.sr_ratio, dtype=self.dtype, name="sr")(x)
       kv_map = layer_norm(1e-5, self.dtype, "norm")(kv_map)
@@ -159,7 +154,7 @@ class ConvFFN(nn.Module):
     x = dense(self.hidden_dim, self.dtype, "fc1")(x)
     if self.linear:
       x = nn.relu(x)
-    x = gelu(DepthwiseConv3x3(self.dtype, name="dwconv")(x))
+    x = DepthwiseConv3x3GELU(self.dtype, name="dwconv")(x)
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
     x = dense(dim, self.dtype, "fc2")(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=not train)
