@@ -277,6 +277,11 @@ def compare_variant(variant: str, s: Settings, peak_flops: float) -> dict:
       "fraction_of_matmul_peak": flops_infer / med_infer / peak_flops,
       "train_fraction_of_matmul_peak":
           flops_train / result["timings"]["jax_train"]["median_s"] / peak_flops,
+      # The speed-up over timm that pvt_jax would reach if all its FLOPs ran at the matmul peak:
+      # the ceiling for any implementation doing this arithmetic on this machine.
+      "speedup_bound_at_matmul_peak": {
+          mode: result["timings"][f"torch_{mode}"]["median_s"] / (flops / peak_flops)
+          for mode, flops in (("inference", flops_infer), ("train", flops_train))},
   }
   result["torch_memory"] = torch_peak_memory(variant, b, r, r, s.dtype)
   return result
@@ -388,8 +393,9 @@ def markdown(results: dict) -> str:
       "| variant | res | batch | dtype | inference img/s jax (IQR) | timm eager | speed-up "
       "| train img/s jax (IQR) | timm eager | speed-up | jax compile s (inf/train) "
       "| jax peak MiB (inf/train) | timm peak RSS growth MiB (inf/train) "
-      "| GFLOPs/img XLA (paper) | inference GFLOP/s (% matmul peak) |",
-      "|---" * 15 + "|",
+      "| GFLOPs/img XLA (paper) | inference GFLOP/s (% matmul peak) "
+      "| speed-up bound at matmul peak (inf/train) |",
+      "|---" * 16 + "|",
   ]
   for r in results["variants"]:
     t, f = r["timings"], r["flops"]
@@ -408,13 +414,15 @@ def markdown(results: dict) -> str:
         f"| {_mib(tmem['inference_rss_growth_bytes'])} / {_mib(tmem['train_rss_growth_bytes'])} "
         f"| {f['xla_inference_gflops_per_image']:.2f} ({f['paper_gflops_per_image']:.2f}) "
         f"| {f['achieved_inference_gflops_per_s']:.1f} "
-        f"({100 * f['fraction_of_matmul_peak']:.0f}%) |")
+        f"({100 * f['fraction_of_matmul_peak']:.0f}%) "
+        f"| {f['speedup_bound_at_matmul_peak']['inference']:.2f}x / "
+        f"{f['speedup_bound_at_matmul_peak']['train']:.2f}x |")
     tc = r.get("torch_compile")
     if tc and tc["ok"]:
       lines.append(f"|  |  |  | torch.compile | | {t['torch_compiled_inference']['img_per_s']:.2f} "
                    f"| | | {t['torch_compiled_train']['img_per_s']:.2f} | | "
                    f"first calls {tc['first_call_s']['inference']:.0f} / "
-                   f"{tc['first_call_s']['train']:.0f} s | | | | |")
+                   f"{tc['first_call_s']['train']:.0f} s | | | | | |")
     elif tc:
       lines.append(f"\ntorch.compile failed for {r['variant']}: {tc['error']}\n")
   if results.get("sweep"):

@@ -56,6 +56,14 @@ def test_quick_run_reports_compile_memory_and_flops(quick_run):
   assert 0.8 < flops["xla_inference_gflops_per_image"] / flops["paper_gflops_per_image"] < 2.5
   assert 2 < flops["xla_train_gflops_per_image"] / flops["xla_inference_gflops_per_image"] < 5
   assert results["matmul_peak"]["gflops_per_s"] > 0
+  peak = results["matmul_peak"]["gflops_per_s"] * 1e9
+  for mode in ("inference", "train"):
+    flops_per_call = flops[f"xla_{mode}_gflops_per_image"] * 1e9 * row["batch_size"]
+    torch_s = row["timings"][f"torch_{mode}"]["median_s"]
+    assert flops["speedup_bound_at_matmul_peak"][mode] == pytest.approx(
+        torch_s / (flops_per_call / peak))
+  # The CLI re-executes itself under tcmalloc (CI installs it), for both frameworks alike.
+  assert results["environment"]["allocator"] == "tcmalloc"
 
 
 def test_quick_run_writes_table_plot_and_sweep(quick_run):

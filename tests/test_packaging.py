@@ -227,3 +227,18 @@ def test_documented_config_overrides_name_real_fields():
     for part in field.split("."):
       assert part in node, f"--config.{field} is documented but configs have no such field"
       node = node[part]
+
+
+def test_readme_benchmark_table_is_the_tools_output_with_its_command():
+  results = ROOT / "benchmarks" / "cpu_2core"
+  table = (results / "results.md").read_text().strip()
+  assert table in README
+  recorded = json.loads((results / "results.json").read_text())["command"]
+  section = re.search(r"^## Benchmarks\n(.*?)^## ", README, re.S | re.M).group(1)
+  shown = re.search(r"```bash\n(python -m pvt_jax.benchmark .*?)\n```", section).group(1)
+  # The same command, apart from where the run wrote its files before they were copied here.
+  def without_output_dir(command):
+    return re.sub(r" --output_dir=\S+", "", command)
+
+  assert without_output_dir(shown) == without_output_dir(recorded)
+  assert recorded in table
