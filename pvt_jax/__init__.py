@@ -11,9 +11,11 @@ __version__ = "0.1.0"
 # Imported on first use, so that the command-line tools can re-exec themselves (pvt_jax.allocator)
 # before JAX and TensorFlow load.
 _EXPORTS = {"VARIANTS": "pvt_jax.models", "create_model": "pvt_jax.models",
+            "inference_compiler_options": "pvt_jax.models",
             "load_pretrained": "pvt_jax.checkpoints"}
 
-__all__ = ["VARIANTS", "__version__", "create_model", "load_pretrained"]
+__all__ = ["VARIANTS", "__version__", "create_model", "inference_compiler_options",
+           "load_pretrained"]
 
 
 def __getattr__(name):

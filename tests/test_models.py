@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from pvt_jax.models import VARIANTS, create_model
+from pvt_jax.models import VARIANTS, create_model, inference_compiler_options
 
 # REFERENCE.md, counted on the official PyTorch modules.
 OFFICIAL_PARAMS = {
@@ -135,6 +135,19 @@ def test_bfloat16_compute_keeps_fp32_params_and_logits(b0):
   assert np.abs(logits16 - logits32).max() < 0.1 * scale
   maps = jit_apply(bf16)(variables, x, method="features")
   assert all(m.dtype == jnp.bfloat16 for m in maps)
+
+
+def test_cpu_inference_options_replace_ynnpack_subgraphs_with_the_same_numbers(b0):
+  model, variables = b0
+  x = jax.random.normal(jax.random.key(3), (2, 40, 56, 3))
+  default = jax.jit(model.apply).lower(variables, x).compile()
+  tuned = jax.jit(model.apply, compiler_options=inference_compiler_options("cpu")).lower(
+      variables, x).compile()
+  # If a JAX release stops using YNNPACK subgraphs, the first check says the options are stale.
+  assert "__ynn_fusion" in default.as_text()
+  assert "__ynn_fusion" not in tuned.as_text()
+  np.testing.assert_allclose(tuned(variables, x), default(variables, x), rtol=1e-5, atol=1e-5)
+  assert inference_compiler_options("gpu") == inference_compiler_options("tpu") == {}
 
 
 def test_train_mode_draws_stochastic_depth_from_dropout_stream(b0):

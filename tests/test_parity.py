@@ -1,6 +1,7 @@
 """End to end: timm PVT v2 (random weights, every variant) saved in the official, timm and HF
 layouts -> `python -m pvt_jax.convert` -> `load_pretrained` gives timm's logits and stage maps."""
 
+import functools
 import math
 
 import jax
@@ -12,7 +13,7 @@ from torch_reference import random_timm_model, save, state_dict_in, timm_outputs
 
 from pvt_jax import convert
 from pvt_jax.checkpoints import load_converted, load_pretrained
-from pvt_jax.models import VARIANTS
+from pvt_jax.models import VARIANTS, inference_compiler_options
 
 TOLERANCE = 5e-5
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -36,7 +37,8 @@ def run_convert(*args):
 
 
 def our_outputs(model, variables, images):
-  @jax.jit
+  # Compiled as pvt_jax's own evaluation compiles the forward pass.
+  @functools.partial(jax.jit, compiler_options=inference_compiler_options())
   def forward(variables, x):
     logits, state = model.apply(variables, x, mutable=["intermediates"],
                                 capture_intermediates=lambda module, _: module.name in STAGES)

@@ -164,6 +164,20 @@ def test_fsdp_shards_the_largest_divisible_dimension():
   assert sharding._fsdp_spec((256, 10), 1) == jax.sharding.PartitionSpec()
 
 
+def test_evaluation_compiles_with_the_backends_inference_options():
+  model = create_model("b0", num_classes=10)
+  mesh = sharding.create_mesh()
+  params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  params_shardings = sharding.state_shardings(params["params"], mesh)
+  n = len(jax.devices())
+  batch = {"image": jax.ShapeDtypeStruct((n, 32, 32, 3), np.float32),
+           "label": jax.ShapeDtypeStruct((n,), np.int32),
+           "mask": jax.ShapeDtypeStruct((n,), np.bool_)}
+  hlo = steps.make_eval_step(model, mesh, params_shardings).lower(
+      params["params"], batch).compile().as_text()
+  assert "__ynn_fusion" not in hlo  # the CPU options: see pvt_jax/models/compile_options.py
+
+
 def test_gradient_accumulation_equals_the_big_batch_update(tiny_fashion_mnist, compile_cache):
   del compile_cache
   config = tiny_config(tiny_fashion_mnist, WHOLE_BATCH)

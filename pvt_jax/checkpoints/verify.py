@@ -5,12 +5,14 @@ changes cannot cancel out between conversion and comparison.
 """
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 
 from pvt_jax.checkpoints import layouts
 from pvt_jax.checkpoints.errors import CheckpointError
+from pvt_jax.models import inference_compiler_options
 
 TOLERANCE = 5e-5
 
@@ -65,7 +67,7 @@ def compare_with_timm(state_dict: dict, variant: str, model, variables, *,
 
   stages = ("stage1", "stage2", "stage3", "stage4")
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=inference_compiler_options())
   def forward(variables, x):
     output, state = model.apply(variables, x, mutable=["intermediates"],
                                 capture_intermediates=lambda module, _: module.name in stages)

@@ -12,6 +12,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pvt_jax.models import inference_compiler_options
 from pvt_jax.train import sharding
 
 
@@ -86,6 +87,7 @@ def make_eval_step(model, mesh, params_shardings):
     }
 
   return jax.jit(eval_step, in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh),
+                 compiler_options=inference_compiler_options(mesh.devices.flat[0].platform))
 
 
