@@ -107,7 +107,7 @@ def measure_matmul_peak(n: int, repeats: int = 5) -> dict:
   """
   import torch
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  t = torch.from_numpy(np.asarray(a))
+  t = torch.from_numpy(np.array(a))  # a writable copy, as torch wants
   xla = {name: jax.jit(lambda a, b: a @ b, compiler_options=options).lower(a, a).compile()
          for name, options in [("xla", {}), ("xla_inference", inference_compiler_options())]}
   fns = {name: (lambda f=f: jax.block_until_ready(f(a, a))) for name, f in xla.items()}

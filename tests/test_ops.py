@@ -92,6 +92,23 @@ def test_depthwise_conv_gelu_gradients_match_autodiff_of_xla_grouped_conv(batch,
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+# Both branches of the kernel gradient: fan-in below and above fan-out.
+@pytest.mark.parametrize("fan_in,fan_out", [(8, 32), (32, 8), (16, 16)])
+def test_linear_matches_dense_with_autodiff_gradients(fan_in, fan_out):
+  rng = np.random.default_rng(5)
+  args = tuple(jnp.asarray(a) for a in (_rand(rng, 2, 5, 3, fan_in), _rand(rng, fan_in, fan_out),
+                                        _rand(rng, fan_out)))
+  g = jnp.asarray(_rand(rng, 2, 5, 3, fan_out))
+  out, got = _grads(ops.linear, args, g)
+  dense = nn.Dense(fan_out)
+  ref_out, want = _grads(lambda x, w, b: dense.apply({"params": {"kernel": w, "bias": b}}, x),
+                         args, g)
+  np.testing.assert_allclose(out, ref_out, **TOL)
+  for a, b in zip(got, want, strict=True):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("k,stride,padding,size", [(7, 4, 3, (29, 22)), (3, 2, 1, (9, 8)),
                                                    (4, 4, 0, (13, 9))])
 def test_conv_gradients_match_xla_conv(k, stride, padding, size):

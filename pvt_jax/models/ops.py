@@ -3,7 +3,8 @@
 PVT v2 uses four kinds of convolution. XLA:CPU runs some of them an order of magnitude slower than
 PyTorch when written as `lax.conv_general_dilated` (depthwise and strided convolutions, and their
 backward passes), so each is expressed here as the cheapest exact equivalent: shifted
-multiply-adds, space-to-depth reshapes and matrix products. All take NHWC maps and HWIO kernels
+multiply-adds, space-to-depth reshapes and matrix products. Linear layers get a backward pass of
+their own for the same reason. All take NHWC maps and HWIO kernels
 (Flax's layout) and pad symmetrically like PyTorch (XLA's 'SAME' pads asymmetrically).
 """
 
@@ -35,6 +36,36 @@ def patchify_conv(x, kernel, bias):
   x = x[:, :oh * k, :ow * k, :]
   x = x.reshape(b, oh, k, ow, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, oh, ow, k * k * c)
   return x @ kernel.reshape(k * k * c, -1).astype(x.dtype) + bias.astype(x.dtype)
+
+
+@jax.custom_vjp
+def linear(x, kernel, bias):
+  """x @ kernel + bias over the last axis: `nn.Dense`'s numbers, with a backward pass for XLA:CPU.
+
+  The kernel gradient is a product over all pixels, for which XLA:CPU first writes one operand
+  out transposed. Autodiff picks the output gradient, 4-8x wider than the input in the FFN's fc1;
+  transposing the narrower one makes a B0 or B2 train step ~15% faster here.
+  """
+  return x @ kernel + bias
+
+
+def _linear_fwd(x, kernel, bias):
+  return linear(x, kernel, bias), (x, kernel)
+
+
+def _linear_bwd(residuals, g):
+  x, kernel = residuals
+  fan_in, fan_out = kernel.shape
+  x2, g2 = x.reshape(-1, fan_in), g.reshape(-1, fan_out)
+  over_rows = (((0,), (0,)), ((), ()))
+  if fan_in <= fan_out:
+    dkernel = lax.dot_general(x2, g2, over_rows)
+  else:
+    dkernel = lax.dot_general(g2, x2, over_rows).T
+  return g @ kernel.T, dkernel, g2.sum(axis=0)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 _SQRT_HALF = 0.7071067811865476
