@@ -9,7 +9,7 @@ broadcasts, so in PVT v2's forward pass XLA first writes every shifted tap of th
 every broadcast constant out at full map size (in B0 ~120 ms of copies per batch of 16 at 224px),
 and YNNPACK's products with few input channels (the FFN's fc1) run at ~60% of Eigen's. Without
 those subgraphs, XLA's own loop fusions read the taps in place and Eigen does the products: B0
-inference 1.7x and B2 1.2x faster here (`python -m pvt_jax.benchmark`), the same sums.
+inference 1.5-1.7x and B2 1.2-1.3x faster here (`python -m pvt_jax.benchmark`), the same sums.
 
 Training keeps the default: there XLA's own fusions would recompute the depthwise backward inside
 each of its consumers (a B0 train step 2.5x slower), which the YNNPACK subgraphs avoid.
