@@ -3,9 +3,9 @@
 PVT v2 uses four kinds of convolution. XLA:CPU runs some of them an order of magnitude slower than
 PyTorch when written as `lax.conv_general_dilated` (depthwise and strided convolutions, and their
 backward passes), so each is expressed here as the cheapest exact equivalent: shifted
-multiply-adds, space-to-depth reshapes and matrix products. Linear layers get a backward pass of
-their own for the same reason. All take NHWC maps and HWIO kernels
+multiply-adds, space-to-depth reshapes and matrix products. All take NHWC maps and HWIO kernels
 (Flax's layout) and pad symmetrically like PyTorch (XLA's 'SAME' pads asymmetrically).
+`linear`, the blocks' dense layer, has a backward pass of its own for the same reason.
 """
 
 import math

@@ -92,10 +92,6 @@ class Linear(nn.Module):
     return ops.linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
-def dense(features, dtype, name):
-  return Linear(features, dtype, name=name)
-
-
 def layer_norm(eps, dtype, name):
   return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
 
@@ -133,7 +129,7 @@ class SpatialReductionAttention(nn.Module):
   def __call__(self, x, train: bool):
     b, h, w, c = x.shape
     head_dim = c // self.num_heads
-    q = dense(c, self.dtype, "q")(x).reshape(b, h * w, self.num_heads, head_dim)
+    q = Linear(c, self.dtype, name="q")(x).reshape(b, h * w, self.num_heads, head_dim)
     if self.linear:
       kv_map = ops.adaptive_avg_pool(x.astype(self.dtype), 7)
       kv_map = Conv(c, 1, dtype=self.dtype, name="sr")(kv_map)
@@ -143,13 +139,13 @@ class SpatialReductionAttention(nn.Module):
       kv_map = layer_norm(1e-5, self.dtype, "norm")(kv_map)
     else:
       kv_map = x
-    kv = dense(2 * c, self.dtype, "kv")(kv_map).reshape(b, -1, 2, self.num_heads, head_dim)
+    kv = Linear(2 * c, self.dtype, name="kv")(kv_map).reshape(b, -1, 2, self.num_heads, head_dim)
     k, v = kv[:, :, 0], kv[:, :, 1]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
-    out = dense(c, self.dtype, "proj")(out)
+    out = Linear(c, self.dtype, name="proj")(out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
 
 
@@ -163,12 +159,12 @@ class ConvFFN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     dim = x.shape[-1]
-    x = dense(self.hidden_dim, self.dtype, "fc1")(x)
+    x = Linear(self.hidden_dim, self.dtype, name="fc1")(x)
     if self.linear:
       x = nn.relu(x)
     x = DepthwiseConv3x3GELU(self.dtype, name="dwconv")(x)
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-    x = dense(dim, self.dtype, "fc2")(x)
+    x = Linear(dim, self.dtype, name="fc2")(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=not train)
 
 
