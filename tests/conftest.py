@@ -8,6 +8,11 @@ import tempfile
 import numpy as np
 import pytest
 
+# Once TensorFlow is loaded, importing timm (torchvision -> torch._dynamo -> triton's extension)
+# segfaults here (TF 2.21, torch 2.14.1), so a run of only TF-first test files crashed; timm is
+# loaded before any test module.
+import timm  # noqa: F401
+
 NUM_CLASSES = 10
 
 # tfds reads its default data dir from TFDS_DATA_DIR once, when first imported, so this is set
