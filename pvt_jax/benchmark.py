@@ -5,10 +5,12 @@
 For each variant: inference and training-step images/s of pvt_jax (jit-compiled, warmed) and of
 timm (eager; `--torch_compile` adds torch.compile), timed alternately repeat after repeat so that
 both see the same machine load; compile times; peak memory; XLA's FLOP count against the paper's
-and against this machine's measured fp32 matmul peak. Then a resolution sweep (inference time and
-memory against pixel count, with a linear fit) and the input pipeline's images/s. Writes
-`results.json`, `results.md` (the README table, with the command that made it) and
-`benchmark.png` into --output_dir.
+and against the machine's measured matmul peak in the compute dtype. Then a resolution sweep
+(inference time and memory against pixel count, with a linear fit) and the input pipeline's
+images/s. Writes `results.json`, `results.md` (the README table, with the command that made it)
+and `benchmark.png` into --output_dir.
+
+timm runs on the chip JAX runs on: the CPU, or a CUDA GPU (with autocast for bfloat16, timm's AMP).
 """
 
 # ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
@@ -99,23 +101,45 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
   return times
 
 
-def measure_matmul_peak(n: int, repeats: int = 5) -> dict:
-  """fp32 FLOP/s of a big square matmul by each library here; the fastest is the machine's peak.
+def torch_device() -> str:
+  """Where timm runs: on the kind of chip JAX runs on, so that both are timed on the same one."""
+  import torch
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "cpu"
+  if backend == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  raise BenchmarkError(f"JAX runs on {backend} but PyTorch has no device there; timm must run "
+                       "on the same kind of chip")
+
+
+def _torch_sync(device: str) -> None:
+  """Waits for queued CUDA work, which torch calls otherwise only launch."""
+  if device == "cuda":
+    import torch
+    torch.cuda.synchronize()
+
+
+def measure_matmul_peak(n: int, dtype: str = "float32", device: str = "cpu",
+                        repeats: int = 5) -> dict:
+  """FLOP/s of a big square matmul by each library here; the fastest is the machine's peak.
 
   XLA:CPU has two dot paths (YNNPACK for training, Eigen under `inference_compiler_options`) and
   PyTorch has its own BLAS, often faster: counting only XLA's would flatter pvt_jax.
   """
   import torch
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  t = torch.from_numpy(np.array(a))  # a writable copy, as torch wants
+  a = jax.random.normal(jax.random.key(1), (n, n), DTYPES[dtype])
+  t = torch.randn(n, n, generator=torch.Generator().manual_seed(1))
+  t = t.to(device, getattr(torch, dtype))
   xla = {name: jax.jit(lambda a, b: a @ b, compiler_options=options).lower(a, a).compile()
          for name, options in [("xla", {}), ("xla_inference", inference_compiler_options())]}
   fns = {name: (lambda f=f: jax.block_until_ready(f(a, a))) for name, f in xla.items()}
-  fns["torch"] = lambda: torch.mm(t, t)
+  fns["torch"] = lambda: (torch.mm(t, t), _torch_sync(device))
   times = time_interleaved(fns, repeats)
   by_library = {name: 2 * n**3 / np.median(ts) / 1e9 for name, ts in times.items()}
   fastest = max(by_library, key=by_library.get)
-  return {"n": n, "seconds": times, "gflops_per_s_by_library": by_library, "library": fastest,
+  return {"n": n, "dtype": dtype, "device": device, "seconds": times,
+          "gflops_per_s_by_library": by_library, "library": fastest,
           "gflops_per_s": by_library[fastest]}
 
 
@@ -187,21 +211,23 @@ class TorchModel:
   """timm's PVT v2 with the same batch (NCHW) and an AdamW step on soft-target cross-entropy."""
 
   def __init__(self, variant: str, batch: int, height: int, width: int, dtype: str,
-               compile_model: bool = False):
+               device: str = "cpu", compile_model: bool = False):
     import timm
     import torch
     self.torch = torch
+    self.device = device
     torch.manual_seed(0)
-    self.module = timm.create_model(f"pvt_v2_{variant}", num_classes=NUM_CLASSES)
+    self.module = timm.create_model(f"pvt_v2_{variant}", num_classes=NUM_CLASSES).to(device)
     self.net = self.module
     self.compile_error = None
     if compile_model:
       self.net = torch.compile(self.module)
     rng = np.random.default_rng(0)
-    self.images = torch.from_numpy(rng.standard_normal((batch, 3, height, width), np.float32))
-    self.labels = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch))
+    self.images = torch.from_numpy(
+        rng.standard_normal((batch, 3, height, width), np.float32)).to(device)
+    self.labels = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch)).to(device)
     self.opt = torch.optim.AdamW(self.module.parameters(), lr=1e-3, weight_decay=0.05)
-    self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+    self.autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16"
                      else contextlib.nullcontext())
 
   def infer(self):
@@ -209,6 +235,7 @@ class TorchModel:
     with self.torch.inference_mode() if self.net is self.module else self.torch.no_grad():
       with self.autocast:
         self.net(self.images)
+    _torch_sync(self.device)
 
   def train_step(self):
     self.module.train()
@@ -217,6 +244,7 @@ class TorchModel:
       loss = self.torch.nn.functional.cross_entropy(self.net(self.images), self.labels)
     loss.backward()
     self.opt.step()
+    _torch_sync(self.device)
 
 
 def _peak_rss_bytes() -> int:
@@ -229,25 +257,31 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _torch_peak_probe(variant, batch, height, width, dtype, queue):
-  """In a fresh process: growth of peak RSS over one inference, then over two train steps."""
+def _torch_peak_probe(variant, batch, height, width, dtype, device, queue):
+  """In a fresh process: growth of peak memory over one inference, then over two train steps
+  (host RSS on the CPU, the CUDA caching allocator's high-water mark on a GPU)."""
   import torch
-  model = TorchModel(variant, batch, height, width, dtype)
-  base = _peak_rss_bytes()
+  model = TorchModel(variant, batch, height, width, dtype, device)
+  if device == "cuda":
+    peak, measure = torch.cuda.max_memory_allocated, "torch.cuda.max_memory_allocated"
+  else:
+    peak, measure = _peak_rss_bytes, "peak RSS"
+  base = peak()
   model.infer()
-  after_infer = _peak_rss_bytes()
+  after_infer = peak()
   model.train_step()
   model.train_step()
-  queue.put({"inference_rss_growth_bytes": after_infer - base,
-             "train_rss_growth_bytes": _peak_rss_bytes() - base,
+  queue.put({"inference_peak_growth_bytes": after_infer - base,
+             "train_peak_growth_bytes": peak() - base, "measure": measure,
              "torch_threads": torch.get_num_threads()})
 
 
-def torch_peak_memory(variant, batch, height, width, dtype) -> dict:
-  """Peak-RSS growth of timm, measured in a spawned process so JAX's buffers don't mask it."""
+def torch_peak_memory(variant, batch, height, width, dtype, device) -> dict:
+  """Peak-memory growth of timm, measured in a spawned process so JAX's buffers don't mask it."""
   ctx = multiprocessing.get_context("spawn")
   queue = ctx.Queue()
-  proc = ctx.Process(target=_torch_peak_probe, args=(variant, batch, height, width, dtype, queue))
+  proc = ctx.Process(target=_torch_peak_probe,
+                     args=(variant, batch, height, width, dtype, device, queue))
   proc.start()
   try:
     result = queue.get(timeout=1800)
@@ -256,7 +290,7 @@ def torch_peak_memory(variant, batch, height, width, dtype) -> dict:
   return result
 
 
-def compare_variant(variant: str, s: Settings, peak_flops: float) -> dict:
+def compare_variant(variant: str, s: Settings, peak_flops: float, device: str) -> dict:
   """Interleaved pvt_jax vs timm timings for inference and one training step."""
   r, b = s.resolution, s.batch_size
   jx = JaxModel(variant, b, r, r, s.dtype)
@@ -264,13 +298,13 @@ def compare_variant(variant: str, s: Settings, peak_flops: float) -> dict:
   train, train_compile_s = jx.compile_train()
   flops_infer, flops_train = xla_flops(infer), xla_flops(train)
   fns = {"jax_inference": jx.inference_fn(infer), "jax_train": jx.train_fn(train)}
-  tm = TorchModel(variant, b, r, r, s.dtype)
+  tm = TorchModel(variant, b, r, r, s.dtype, device)
   fns.update(torch_inference=tm.infer, torch_train=tm.train_step)
   result = {"variant": variant, "resolution": r, "batch_size": b, "dtype": s.dtype,
             "jax_compile_s": {"inference": infer_compile_s, "train": train_compile_s},
             "jax_memory": {"inference": xla_memory(infer), "train": xla_memory(train)}}
   if s.torch_compile:
-    result["torch_compile"] = _try_torch_compile(variant, s, fns)
+    result["torch_compile"] = _try_torch_compile(variant, s, fns, device)
   times = time_interleaved(fns, s.repeats)
   result["timings"] = {name: spread(t, b) for name, t in times.items()}
   for mode in ("inference", "train"):
@@ -279,6 +313,7 @@ def compare_variant(variant: str, s: Settings, peak_flops: float) -> dict:
                                  "per_repeat": (tt / jt).tolist()}
   gflops_paper = 2 * PAPER_GMACS[variant] * (r * r) / 224**2
   med_infer = result["timings"]["jax_inference"]["median_s"]
+  med_train = result["timings"]["jax_train"]["median_s"]
   result["flops"] = {
       "xla_inference_gflops_per_image": flops_infer / b / 1e9,
       "xla_train_gflops_per_image": flops_train / b / 1e9,
@@ -286,23 +321,23 @@ def compare_variant(variant: str, s: Settings, peak_flops: float) -> dict:
       "achieved_inference_gflops_per_s": flops_infer / med_infer / 1e9,
       "achieved_paper_gflops_per_s": gflops_paper * b / med_infer,
       "fraction_of_matmul_peak": flops_infer / med_infer / peak_flops,
-      "train_fraction_of_matmul_peak":
-          flops_train / result["timings"]["jax_train"]["median_s"] / peak_flops,
+      "achieved_train_gflops_per_s": flops_train / med_train / 1e9,
+      "train_fraction_of_matmul_peak": flops_train / med_train / peak_flops,
       # The speed-up over timm that pvt_jax would reach if all its FLOPs ran at the matmul peak:
       # the ceiling for any implementation doing this arithmetic on this machine.
       "speedup_bound_at_matmul_peak": {
           mode: result["timings"][f"torch_{mode}"]["median_s"] / (flops / peak_flops)
           for mode, flops in (("inference", flops_infer), ("train", flops_train))},
   }
-  result["torch_memory"] = torch_peak_memory(variant, b, r, r, s.dtype)
+  result["torch_memory"] = torch_peak_memory(variant, b, r, r, s.dtype, device)
   return result
 
 
-def _try_torch_compile(variant: str, s: Settings, fns: dict) -> dict:
+def _try_torch_compile(variant: str, s: Settings, fns: dict, device: str) -> dict:
   """torch.compile'd timm: adds it to `fns` when compiling works, else records why not."""
   r, b = s.resolution, s.batch_size
   try:
-    tc = TorchModel(variant, b, r, r, s.dtype, compile_model=True)
+    tc = TorchModel(variant, b, r, r, s.dtype, device, compile_model=True)
     start = time.perf_counter()
     tc.infer()
     infer_s = time.perf_counter() - start
@@ -380,6 +415,7 @@ def environment() -> dict:
   import torch
   return {"python": platform.python_version(), "jax": jax.__version__,
           "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind,
           "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
           "torch": torch.__version__, "timm": timm.__version__,
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -396,18 +432,18 @@ def markdown(results: dict) -> str:
   env, peak = results["environment"], results["matmul_peak"]
   lines = [
       f"Command: `{results['command']}`", "",
-      f"Machine: {env['cpu_count']} CPU cores ({env['backend']}), load average at start "
-      f"{env['load_average'][0]:.1f}; jax {env['jax']}, torch {env['torch']} "
-      f"({env['torch_threads']} threads), timm {env['timm']}; allocator (both): "
-      f"{env['allocator']}. Measured fp32 matmul peak "
-      f"({peak['n']}x{peak['n']}, best of "
-      + ", ".join(f"{k} {v:.0f}" for k, v in peak["gflops_per_s_by_library"].items())
-      + f"): {peak['gflops_per_s']:.1f} GFLOP/s. pvt_jax inference is compiled with "
+      f"Machine: {env['cpu_count']} CPU cores, JAX on {env['device_kind']}, timm on "
+      f"{env['torch_device']}; load average at start {env['load_average'][0]:.1f}; "
+      f"jax {env['jax']}, torch {env['torch']} ({env['torch_threads']} threads), timm "
+      f"{env['timm']}; allocator (both): {env['allocator']}. Measured {peak['dtype']} matmul "
+      f"peak ({peak['n']}x{peak['n']}, best of "
+      + ", ".join(f"{k} {v:,.0f}" for k, v in peak["gflops_per_s_by_library"].items())
+      + f"): {peak['gflops_per_s']:,.1f} GFLOP/s. pvt_jax inference is compiled with "
       "`pvt_jax.inference_compiler_options()`, its train step with XLA's defaults.", "",
       "| variant | res | batch | dtype | inference img/s jax (IQR) | timm eager | speed-up "
       "| train img/s jax (IQR) | timm eager | speed-up | jax compile s (inf/train) "
-      "| jax peak MiB (inf/train) | timm peak RSS growth MiB (inf/train) "
-      "| GFLOPs/img XLA (paper) | inference GFLOP/s (% matmul peak) "
+      "| jax peak MiB (inf/train) | timm peak growth MiB (inf/train) "
+      "| GFLOPs/img XLA (paper) | jax GFLOP/s, % of matmul peak (inf/train) "
       "| speed-up bound at matmul peak (inf/train) |",
       "|---" * 16 + "|",
   ]
@@ -425,10 +461,12 @@ def markdown(results: dict) -> str:
         f"| {r['train_speedup']['ratio_of_medians']:.2f}x "
         f"| {r['jax_compile_s']['inference']:.1f} / {r['jax_compile_s']['train']:.1f} "
         f"| {_mib(jm['inference'].get('peak_bytes'))} / {_mib(jm['train'].get('peak_bytes'))} "
-        f"| {_mib(tmem['inference_rss_growth_bytes'])} / {_mib(tmem['train_rss_growth_bytes'])} "
+        f"| {_mib(tmem['inference_peak_growth_bytes'])} / "
+        f"{_mib(tmem['train_peak_growth_bytes'])} "
         f"| {f['xla_inference_gflops_per_image']:.2f} ({f['paper_gflops_per_image']:.2f}) "
-        f"| {f['achieved_inference_gflops_per_s']:.1f} "
-        f"({100 * f['fraction_of_matmul_peak']:.0f}%) "
+        f"| {f['achieved_inference_gflops_per_s']:,.1f} ({100 * f['fraction_of_matmul_peak']:.0f}%)"
+        f" / {f['achieved_train_gflops_per_s']:,.1f} "
+        f"({100 * f['train_fraction_of_matmul_peak']:.0f}%) "
         f"| {f['speedup_bound_at_matmul_peak']['inference']:.2f}x / "
         f"{f['speedup_bound_at_matmul_peak']['train']:.2f}x |")
     tc = r.get("torch_compile")
@@ -486,11 +524,13 @@ def run(s: Settings, output_dir: str, command: str) -> dict:
     os.makedirs(output_dir, exist_ok=True)
   except OSError as e:
     raise BenchmarkError(f"cannot create output directory {output_dir}: {e.strerror}") from e
-  peak = measure_matmul_peak(s.matmul_size)
-  results = {"command": command, "settings": s.__dict__, "environment": environment(),
-             "matmul_peak": peak, "variants": []}
+  device = torch_device()
+  peak = measure_matmul_peak(s.matmul_size, s.dtype, device)
+  results = {"command": command, "settings": s.__dict__,
+             "environment": dict(environment(), torch_device=device), "matmul_peak": peak,
+             "variants": []}
   for variant in s.variants:
-    results["variants"].append(compare_variant(variant, s, peak["gflops_per_s"] * 1e9))
+    results["variants"].append(compare_variant(variant, s, peak["gflops_per_s"] * 1e9, device))
   results["sweep"] = resolution_sweep(s) if s.sweep_variants else {}
   results["input_pipeline"] = input_pipeline(s) if s.input_batches else None
   with open(os.path.join(output_dir, "results.json"), "w") as f:
@@ -548,6 +588,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   command = "python -m pvt_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  # On a GPU both frameworks share the card: JAX allocates as it goes instead of taking 75% of it
+  # (read when JAX first touches a device, which it has not yet).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   try:
     run(settings_from_flags(), FLAGS.output_dir, command)
   except BenchmarkError as e:

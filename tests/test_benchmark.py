@@ -49,7 +49,9 @@ def test_quick_run_reports_compile_memory_and_flops(quick_run):
   assert row["jax_compile_s"]["inference"] > 0 and row["jax_compile_s"]["train"] > 0
   # Training keeps activations for the backward pass: more memory than inference.
   assert row["jax_memory"]["train"]["peak_bytes"] > row["jax_memory"]["inference"]["peak_bytes"]
-  assert row["torch_memory"]["train_rss_growth_bytes"] >= 0
+  assert row["torch_memory"]["train_peak_growth_bytes"] >= 0
+  assert row["torch_memory"]["measure"] == "peak RSS"  # timm ran on the CPU, as JAX did
+  assert results["environment"]["torch_device"] == "cpu"
   flops = row["flops"]
   # The paper's 0.57 GMACs at 224 px, scaled to 32 px; XLA also counts norms and softmax.
   assert flops["paper_gflops_per_image"] == pytest.approx(2 * 0.57 * 32**2 / 224**2)
@@ -58,9 +60,12 @@ def test_quick_run_reports_compile_memory_and_flops(quick_run):
   by_library = results["matmul_peak"]["gflops_per_s_by_library"]
   assert set(by_library) == {"xla", "xla_inference", "torch"}
   assert results["matmul_peak"]["gflops_per_s"] == max(by_library.values()) > 0
+  assert results["matmul_peak"]["dtype"] == "float32"
   peak = results["matmul_peak"]["gflops_per_s"] * 1e9
   for mode in ("inference", "train"):
     flops_per_call = flops[f"xla_{mode}_gflops_per_image"] * 1e9 * row["batch_size"]
+    jax_s = row["timings"][f"jax_{mode}"]["median_s"]
+    assert flops[f"achieved_{mode}_gflops_per_s"] == pytest.approx(flops_per_call / jax_s / 1e9)
     torch_s = row["timings"][f"torch_{mode}"]["median_s"]
     assert flops["speedup_bound_at_matmul_peak"][mode] == pytest.approx(
         torch_s / (flops_per_call / peak))
@@ -117,3 +122,24 @@ def test_input_pipeline_hook_measures_data_throughput(tiny_fashion_mnist):
   result = benchmark.input_pipeline(s)
   assert result["ok"], result
   assert result["img_per_s"] > 0
+
+
+def test_timm_runs_where_jax_runs_or_the_benchmark_refuses(monkeypatch):
+  import torch
+  assert benchmark.torch_device() == "cpu"
+  monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+  with pytest.raises(benchmark.BenchmarkError, match="JAX runs on gpu but PyTorch has no device"):
+    benchmark.torch_device()
+  monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+  assert benchmark.torch_device() == "cuda"
+
+
+def test_bfloat16_peak_and_timm_autocast_step():
+  peak = benchmark.measure_matmul_peak(64, "bfloat16", "cpu", repeats=1)
+  assert peak["dtype"] == "bfloat16" and min(peak["gflops_per_s_by_library"].values()) > 0
+  model = benchmark.TorchModel("b0", 1, 32, 32, "bfloat16")
+  before = [p.detach().clone() for p in model.module.parameters()]
+  model.train_step()
+  assert any(not b.equal(p) for b, p in zip(before, model.module.parameters(), strict=True))
+  model.infer()
