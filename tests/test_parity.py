@@ -1,11 +1,9 @@
 """End to end: timm PVT v2 (random weights, every variant) saved in the official, timm and HF
 layouts -> `python -m pvt_jax.convert` -> `load_pretrained` gives timm's logits and stage maps."""
 
-import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
@@ -13,10 +11,10 @@ from torch_reference import random_timm_model, save, state_dict_in, timm_outputs
 
 from pvt_jax import convert
 from pvt_jax.checkpoints import load_converted, load_pretrained
-from pvt_jax.models import VARIANTS, inference_compiler_options
+from pvt_jax.checkpoints.verify import forward_with_stage_maps
+from pvt_jax.models import VARIANTS
 
 TOLERANCE = 5e-5
-STAGES = ("stage1", "stage2", "stage3", "stage4")
 # Every variant also runs at a non-square size, not a multiple of 32, whose maps have odd sides
 # (50x74 ... 7x10 for the small variants; 34x50 ... 5x7 at batch 1 for the deep ones, to keep the
 # file fast on two CPU cores).
@@ -34,17 +32,6 @@ def run_convert(*args):
   convert.define_flags(flag_values)
   flag_values(["convert", *args])
   return convert.run(flag_values)
-
-
-def our_outputs(model, variables, images):
-  # Compiled as pvt_jax's own evaluation compiles the forward pass.
-  @functools.partial(jax.jit, compiler_options=inference_compiler_options())
-  def forward(variables, x):
-    logits, state = model.apply(variables, x, mutable=["intermediates"],
-                                capture_intermediates=lambda module, _: module.name in STAGES)
-    return logits, [state["intermediates"][name]["__call__"][0] for name in STAGES]
-
-  return forward(variables, jnp.asarray(images))
 
 
 def max_diff(ours, theirs):
@@ -79,7 +66,7 @@ def test_all_layouts_convert_to_timm_numerics(variant, tmp_path):
   for batch, height, width in SIZES[variant]:
     images = rng.standard_normal((batch, height, width, 3), dtype=np.float32)
     expected_logits, expected_maps = timm_outputs(reference, images)
-    logits, maps = our_outputs(model, variables, images)
+    logits, maps = forward_with_stage_maps(model, variables, images)
     diffs = [max_diff(logits, expected_logits)]
     diffs += [max_diff(ours, theirs) for ours, theirs in zip(maps, expected_maps, strict=True)]
     print(f"{variant} {height}x{width}: max |diff| logits {diffs[0]:.2e}, maps "

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pvt_jax.checkpoints import layouts
@@ -42,6 +43,22 @@ def timm_available() -> bool:
   return True
 
 
+_STAGES = ("stage1", "stage2", "stage3", "stage4")
+
+
+def forward_with_stage_maps(model, variables, images):
+  """The model's output and its four NHWC stage maps, compiled as pvt_jax's evaluation compiles
+  the forward pass (`inference_compiler_options`)."""
+
+  @functools.partial(jax.jit, compiler_options=inference_compiler_options())
+  def forward(variables, x):
+    output, state = model.apply(variables, x, mutable=["intermediates"],
+                                capture_intermediates=lambda module, _: module.name in _STAGES)
+    return output, [state["intermediates"][name]["__call__"][0] for name in _STAGES]
+
+  return forward(variables, jnp.asarray(images))
+
+
 def compare_with_timm(state_dict: dict, variant: str, model, variables, *,
                       image_size=(224, 224), batch_size: int = 2, seed: int = 0) -> Differences:
   """Runs timm's pvt_v2_<variant> holding `state_dict` (official keys) and our model on one random
@@ -65,15 +82,7 @@ def compare_with_timm(state_dict: dict, variant: str, model, variables, *,
     expected = [reference.forward_head(final).numpy()] + [m.numpy().transpose(0, 2, 3, 1)
                                                            for m in maps]
 
-  stages = ("stage1", "stage2", "stage3", "stage4")
-
-  @functools.partial(jax.jit, compiler_options=inference_compiler_options())
-  def forward(variables, x):
-    output, state = model.apply(variables, x, mutable=["intermediates"],
-                                capture_intermediates=lambda module, _: module.name in stages)
-    return output, [state["intermediates"][name]["__call__"][0] for name in stages]
-
-  output, features = forward(variables, images.transpose(0, 2, 3, 1))
+  output, features = forward_with_stage_maps(model, variables, images.transpose(0, 2, 3, 1))
   diffs = [float(np.max(np.abs(np.asarray(ours) - theirs)))
            for ours, theirs in zip([output, *features], expected, strict=True)]
   return Differences(diffs[0], tuple(diffs[1:]))
