@@ -107,8 +107,8 @@ def _weight_gradient(x2, g2):
 def _linear_bwd(residuals, g):
   x, kernel = residuals
   fan_in, fan_out = kernel.shape
-  dkernel = _weight_gradient(x.reshape(-1, fan_in), g.reshape(-1, fan_out))
-  return g @ kernel.T, dkernel, g.reshape(-1, fan_out).sum(axis=0)
+  g2 = g.reshape(-1, fan_out)
+  return g @ kernel.T, _weight_gradient(x.reshape(-1, fan_in), g2), g2.sum(axis=0)
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
