@@ -135,6 +135,12 @@ def test_timm_runs_where_jax_runs_or_the_benchmark_refuses(monkeypatch):
   assert benchmark.torch_device() == "cuda"
 
 
+def test_matmul_peak_times_xla_once_where_inference_needs_no_options(monkeypatch):
+  monkeypatch.setattr(benchmark, "inference_compiler_options", lambda: {})
+  peak = benchmark.measure_matmul_peak(64, repeats=1)
+  assert set(peak["gflops_per_s_by_library"]) == {"xla", "torch"}
+
+
 def test_bfloat16_peak_and_timm_autocast_step():
   peak = benchmark.measure_matmul_peak(64, "bfloat16", "cpu", repeats=1)
   assert peak["dtype"] == "bfloat16" and min(peak["gflops_per_s_by_library"].values()) > 0
