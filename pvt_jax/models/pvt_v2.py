@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -140,11 +139,13 @@ class SpatialReductionAttention(nn.Module):
     else:
       kv_map = x
     kv = Linear(2 * c, self.dtype, name="kv")(kv_map).reshape(b, -1, 2, self.num_heads, head_dim)
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
+    if train and self.attn_drop_rate > 0:  # dropout between the softmax and the product
+      attn = ops.attention_probabilities(q, kv[:, :, 0])
+      attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=False)
+      out = jnp.einsum("bhqk,bkhd->bqhd", attn, kv[:, :, 1])
+    else:
+      out = ops.attention(q, kv)
+    out = out.reshape(b, h, w, c)
     out = Linear(c, self.dtype, name="proj")(out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
 

@@ -1,0 +1,221 @@
+"""Hand-written XLA:CPU kernels (C++, XLA FFI), compiled on first use and cached.
+
+`kernels/` holds the two parts of PVT v2 that XLA:CPU compiles poorly, forward and backward:
+the FFN core GELU(depthwise 3x3 conv) (backward 4-15x faster than XLA's form of the same sums)
+and the attention core softmax(q k^T / sqrt(D)) v over few keys (1.2-2.5x); see each file's
+header. They are built here rather than at install time so that they always match the running
+jaxlib's FFI headers and the CPU they run on (`-march=native`), and so that a missing compiler
+costs speed, not the install: `available()` is then False, with one warning, and `ops` uses its
+XLA forms. Each call is declared to XLA's partitioner (`custom_partitioning`), so sharded
+batches run per device.
+
+Libraries are cached under $PVT_JAX_CACHE_DIR (default ~/.cache/pvt_jax), keyed by a hash of the
+sources, the FFI headers, the compiler and this CPU, so changing any of them rebuilds.
+PVT_JAX_CPU_KERNELS=0 turns the kernels off (A/B timing, debugging)."""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_SOURCES = pathlib.Path(__file__).parent / "kernels"
+_TARGETS = {"pvt_depthwise_gelu": "PvtDepthwiseGeluForward",
+            "pvt_depthwise_gelu_backward": "PvtDepthwiseGeluBackward",
+            "pvt_attention": "PvtAttentionForward",
+            "pvt_attention_backward": "PvtAttentionBackward"}
+
+
+def cache_dir() -> pathlib.Path:
+  default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+  return pathlib.Path(os.environ.get("PVT_JAX_CACHE_DIR", default / "pvt_jax"))
+
+
+def _compile_command(output: str) -> list[str]:
+  arch = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
+  sources = [str(p) for p in sorted(_SOURCES.glob("*.cc"))]
+  return [os.environ.get("CXX", "c++"), "-O3", arch, "-std=c++20", "-shared", "-fPIC",
+          "-I", jax.ffi.include_dir(), *sources, "-o", output]
+
+
+def _cpu_identity() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return "".join(line for line in f if line.startswith(("model name", "flags")))
+  except OSError:
+    return platform.processor()
+
+
+def library_path() -> pathlib.Path:
+  """The compiled library for this source, jaxlib, compiler and CPU (built if missing)."""
+  command = _compile_command("<output>")
+  compiler = shutil.which(command[0])
+  if compiler is None:
+    raise RuntimeError(f"no C++ compiler {command[0]!r} on PATH (set CXX)")
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+  key = hashlib.sha256()
+  headers = sorted(pathlib.Path(jax.ffi.include_dir()).rglob("*.h"))
+  for part in [*(p.read_bytes() for p in sorted(_SOURCES.glob("*.[ch]*"))),
+               *(h.read_bytes() for h in headers),
+               " ".join(command).encode(), version.encode(), _cpu_identity().encode()]:
+    key.update(part)
+  path = cache_dir() / f"pvt_jax_cpu_kernels-{key.hexdigest()[:16]}.so"
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename into place: concurrent processes never load a half file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+      built = os.path.join(tmp, path.name)
+      result = subprocess.run(_compile_command(built), capture_output=True, text=True)
+      if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed: {result.stderr.strip()[-2000:]}")
+      os.replace(built, path)
+  return path
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernels are built, loaded and registered with XLA:CPU (once per process)."""
+  if os.environ.get("PVT_JAX_CPU_KERNELS") == "0":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(library_path()))
+  except (OSError, RuntimeError) as e:
+    warnings.warn(f"pvt_jax: CPU kernels unavailable ({e}); using XLA's formulation, slower "
+                  "to train on CPU", RuntimeWarning, stacklevel=2)
+    return False
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform="cpu")
+  return True
+
+
+def _like(a):
+  return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def _depthwise_forward(x, taps, bias):
+  return jax.ffi.ffi_call("pvt_depthwise_gelu", _like(x), vmap_method="sequential")(
+      x, taps, bias)
+
+
+def _depthwise_backward(x, taps, bias, g):
+  call = jax.ffi.ffi_call("pvt_depthwise_gelu_backward", (_like(x), _like(taps), _like(bias)),
+                          vmap_method="sequential")
+  return tuple(call(x, taps, bias, g))
+
+
+# Sharding: XLA cannot see into an FFI call, so by itself it would gather a batch-sharded map
+# onto every device and run the whole batch on each. These rules let it run per shard instead:
+# batch and channels may stay sharded (channels carry their own taps and bias), rows and columns
+# are gathered (the 3x3 stencil needs its neighbours), and the backward's kernel and bias
+# gradients are summed over the devices that split the batch.
+
+
+def _map_spec(arg):
+  batch, _, _, channels = tuple(arg.sharding.spec) + (None,) * (4 - len(arg.sharding.spec))
+  return batch, channels
+
+
+def _specs(mesh, batch, channels):
+  named = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
+  return (named(batch, None, None, channels), named(None, None, channels), named(channels))
+
+
+def _partition_forward(mesh, arg_shapes, result_shape):
+  x_spec, taps_spec, bias_spec = _specs(mesh, *_map_spec(arg_shapes[0]))
+  return mesh, _depthwise_forward, x_spec, (x_spec, taps_spec, bias_spec)
+
+
+def _partition_backward(mesh, arg_shapes, result_shape):
+  batch, channels = _map_spec(arg_shapes[0])
+  x_spec, taps_spec, bias_spec = _specs(mesh, batch, channels)
+  batch_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+
+  def per_shard(x, taps, bias, g):
+    dx, dtaps, dbias = _depthwise_backward(x, taps, bias, g)
+    if batch_axes:
+      dtaps, dbias = lax.psum((dtaps, dbias), batch_axes)
+    return dx, dtaps, dbias
+
+  return (mesh, per_shard, (x_spec, taps_spec, bias_spec),
+          (x_spec, taps_spec, bias_spec, x_spec))
+
+
+_partitioned_forward = custom_partitioning(_depthwise_forward)
+_partitioned_forward.def_partition(
+    _partition_forward, sharding_rule="b h w c, i j c, c -> b h w c",
+    need_replication_factors=("h", "w", "i", "j"))
+_partitioned_backward = custom_partitioning(_depthwise_backward)
+_partitioned_backward.def_partition(
+    _partition_backward,
+    sharding_rule="b h w c, i j c, c, b h w c -> b h w c, i j c, c",
+    need_replication_factors=("h", "w", "i", "j"))
+
+
+def depthwise_gelu(x, taps, bias):
+  """GELU(depthwise 3x3 conv of x [B, H, W, C] with taps [3, 3, C], + bias [C]); float32."""
+  return _partitioned_forward(x, taps, bias)
+
+
+def depthwise_gelu_backward(x, taps, bias, g):
+  """(dx, dtaps, dbias) of `depthwise_gelu` for the output gradient g."""
+  return _partitioned_backward(x, taps, bias, g)
+
+
+def _attention_forward(q, kv):
+  return jax.ffi.ffi_call("pvt_attention", _like(q), vmap_method="sequential")(q, kv)
+
+
+def _attention_backward(q, kv, g):
+  call = jax.ffi.ffi_call("pvt_attention_backward", (_like(q), _like(kv)),
+                          vmap_method="sequential")
+  return tuple(call(q, kv, g))
+
+
+def _attention_specs(mesh, arg):
+  """Images and heads may stay sharded (each is independent); queries, keys and channels not."""
+  batch, _, heads, _ = tuple(arg.sharding.spec) + (None,) * (4 - len(arg.sharding.spec))
+  return (NamedSharding(mesh, P(batch, None, heads, None)),
+          NamedSharding(mesh, P(batch, None, None, heads, None)))
+
+
+def _partition_attention(mesh, arg_shapes, result_shape):
+  q_spec, kv_spec = _attention_specs(mesh, arg_shapes[0])
+  return mesh, _attention_forward, q_spec, (q_spec, kv_spec)
+
+
+def _partition_attention_backward(mesh, arg_shapes, result_shape):
+  q_spec, kv_spec = _attention_specs(mesh, arg_shapes[0])
+  return mesh, _attention_backward, (q_spec, kv_spec), (q_spec, kv_spec, q_spec)
+
+
+_partitioned_attention = custom_partitioning(_attention_forward)
+_partitioned_attention.def_partition(
+    _partition_attention, sharding_rule="b n h d, b m two h d -> b n h d",
+    need_replication_factors=("n", "d", "m", "two"))  # in the order they first appear
+_partitioned_attention_backward = custom_partitioning(_attention_backward)
+_partitioned_attention_backward.def_partition(
+    _partition_attention_backward,
+    sharding_rule="b n h d, b m two h d, b n h d -> b n h d, b m two h d",
+    need_replication_factors=("n", "d", "m", "two"))  # in the order they first appear
+
+
+def attention(q, kv):
+  """softmax(q k^T / sqrt(D)) v per head: q [B, N, H, D], kv [B, M, 2, H, D]; float32, 16 | D."""
+  return _partitioned_attention(q, kv)
+
+
+def attention_backward(q, kv, g):
+  """(dq, dkv) of `attention` for the output gradient g."""
+  return _partitioned_attention_backward(q, kv, g)

@@ -1,0 +1,191 @@
+"""The C++ CPU kernels: built and cached, used by `ops` on CPU, exact against the XLA forms,
+deterministic, per-shard under sharding, and a clean fallback when they cannot be built.
+(`test_ops` checks the depthwise forms against PyTorch; `test_parity` the whole model's
+gradients against timm's autograd.)"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pvt_jax.models import cpu_kernels, ops
+
+
+def _compiled_text(f, *args):
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def _arrays(rng, batch, h, w, c):
+  x, g = (rng.standard_normal((batch, h, w, c)).astype(np.float32) for _ in range(2))
+  taps = (0.3 * rng.standard_normal((3, 3, c))).astype(np.float32)
+  bias = (0.1 * rng.standard_normal(c)).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(taps), jnp.asarray(bias), jnp.asarray(g)
+
+
+def test_kernels_build_here_and_ops_use_them_on_cpu():
+  assert cpu_kernels.available()
+  x, taps, bias, _ = _arrays(np.random.default_rng(0), 2, 5, 6, 32)
+  kernel = taps[:, :, None, :]
+  loss = lambda x: ops.depthwise_conv3x3_gelu(x, kernel, bias).sum()  # noqa: E731
+  assert 'custom_call_target="pvt_depthwise_gelu"' in _compiled_text(
+      lambda x: ops.depthwise_conv3x3_gelu(x, kernel, bias), x)
+  assert 'custom_call_target="pvt_depthwise_gelu_backward"' in _compiled_text(jax.grad(loss), x)
+  # bfloat16 maps keep the XLA form (the kernels are float32).
+  assert "pvt_depthwise_gelu" not in _compiled_text(
+      lambda x: ops.depthwise_conv3x3_gelu(x, kernel, bias), x.astype(jnp.bfloat16))
+
+
+# Batch 1 with 37 rows splits each image into chunks (halo rows recomputed at their borders);
+# 40 channels = two 16-wide blocks + 8 left over; 1x1 and single-row/column maps.
+@pytest.mark.parametrize("batch,h,w,c", [(1, 37, 9, 40), (3, 7, 5, 48), (2, 1, 1, 16),
+                                         (2, 1, 6, 17), (4, 6, 1, 64)])
+def test_kernels_equal_the_xla_form_forward_and_backward(batch, h, w, c):
+  x, taps, bias, g = _arrays(np.random.default_rng(c), batch, h, w, c)
+  np.testing.assert_allclose(cpu_kernels.depthwise_gelu(x, taps, bias),
+                             ops._xla_depthwise_gelu(x, taps, bias), rtol=1e-6, atol=1e-6)
+  got = cpu_kernels.depthwise_gelu_backward(x, taps, bias, g)
+  want = ops._xla_depthwise_gelu_backward(x, taps, bias, g)
+  for name, a, b in zip(("dx", "dtaps", "dbias"), got, want, strict=True):
+    scale = float(jnp.abs(b).max())
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale, err_msg=name)
+
+
+def _attention_arrays(rng, batch, n, heads, d, m, spread=1.0):
+  q, g = (jnp.asarray(rng.standard_normal((batch, n, heads, d)), jnp.float32) for _ in range(2))
+  kv = jnp.asarray(spread * rng.standard_normal((batch, m, 2, heads, d)), jnp.float32)
+  return q, kv, g
+
+
+def test_ops_attention_uses_the_kernel_for_float32_and_head_dims_of_16s():
+  q, kv, g = _attention_arrays(np.random.default_rng(3), 2, 10, 2, 32, 7)
+  assert 'custom_call_target="pvt_attention"' in _compiled_text(ops.attention, q, kv)
+  backward = lambda q, kv: jax.vjp(ops.attention, q, kv)[1](g)  # noqa: E731
+  assert 'custom_call_target="pvt_attention_backward"' in _compiled_text(backward, q, kv)
+  assert "pvt_attention" not in _compiled_text(ops.attention, q[..., :8], kv[..., :8])
+  assert "pvt_attention" not in _compiled_text(ops.attention, q.astype(jnp.bfloat16),
+                                               kv.astype(jnp.bfloat16))
+
+
+# One key (softmax = 1), 17 keys (a 16-wide vector plus one, the rest padding), as many keys as
+# queries (stage 4, sr_ratio 1), a batch of one split into query chunks, logits in the hundreds.
+@pytest.mark.parametrize("batch,n,heads,d,m,spread", [
+    (2, 5, 1, 16, 1, 1.0), (3, 37, 2, 32, 17, 1.0), (1, 300, 2, 64, 300, 1.0),
+    (1, 200, 1, 32, 49, 1.0), (2, 30, 5, 32, 49, 30.0)])
+def test_attention_kernel_equals_the_xla_form_forward_and_backward(batch, n, heads, d, m, spread):
+  q, kv, g = _attention_arrays(np.random.default_rng(m), batch, n, heads, d, m, spread)
+  np.testing.assert_allclose(cpu_kernels.attention(q, kv), ops._xla_attention(q, kv),
+                             rtol=0, atol=2e-6 * spread)
+  got = cpu_kernels.attention_backward(q, kv, g)
+  want = ops._xla_attention_backward(q, kv, g)
+  for name, a, b in zip(("dq", "dkv"), got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
+def test_attention_dropout_in_training_keeps_the_xla_form():
+  from pvt_jax.models.pvt_v2 import SpatialReductionAttention
+  x = jnp.ones((1, 8, 8, 32))
+  layer = SpatialReductionAttention(dim=32, num_heads=1, sr_ratio=2, attn_drop_rate=0.5)
+  params = layer.init(jax.random.key(0), x, train=False)
+  apply = lambda x, train: layer.apply(params, x, train=train,  # noqa: E731
+                                       rngs={"dropout": jax.random.key(1)})
+  assert "pvt_attention" in _compiled_text(lambda x: apply(x, False), x)
+  assert "pvt_attention" not in _compiled_text(lambda x: apply(x, True), x)
+
+
+@pytest.mark.parametrize("kernel", ["depthwise", "attention"])
+def test_backwards_are_deterministic(kernel):
+  rng = np.random.default_rng(1)
+  backward, args = {
+      "depthwise": (cpu_kernels.depthwise_gelu_backward, _arrays(rng, 3, 29, 11, 32)),
+      "attention": (cpu_kernels.attention_backward, _attention_arrays(rng, 1, 333, 2, 32, 49)),
+  }[kernel]
+  first, second = jax.jit(backward)(*args), jax.jit(backward)(*args)
+  for a, b in zip(first, second, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_library_is_cached_and_rebuilt_only_when_missing(tmp_path, monkeypatch):
+  monkeypatch.setenv("PVT_JAX_CACHE_DIR", str(tmp_path))
+  path = cpu_kernels.library_path()
+  assert path.parent == tmp_path and path.exists()
+  built_at = path.stat().st_mtime_ns
+  assert cpu_kernels.library_path() == path and path.stat().st_mtime_ns == built_at
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_without_a_compiler_ops_fall_back_to_xla_with_one_warning(tmp_path, monkeypatch):
+  monkeypatch.setenv("PVT_JAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  cpu_kernels.available.cache_clear()
+  try:
+    with pytest.warns(RuntimeWarning, match="CPU kernels unavailable.*no-such-compiler"):
+      assert not cpu_kernels.available()
+    x, taps, bias, _ = _arrays(np.random.default_rng(2), 2, 4, 3, 8)
+    text = _compiled_text(lambda x: ops.depthwise_conv3x3_gelu(x, taps[:, :, None], bias), x)
+    assert "pvt_depthwise_gelu" not in text
+  finally:
+    monkeypatch.undo()
+    cpu_kernels.available.cache_clear()
+  assert cpu_kernels.available()  # and back once the compiler is
+
+
+def test_a_failing_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
+  cache, sources = tmp_path / "cache", tmp_path / "kernels"
+  sources.mkdir()
+  (sources / "broken.cc").write_text("this is not C++\n")
+  monkeypatch.setenv("PVT_JAX_CACHE_DIR", str(cache))
+  monkeypatch.setattr(cpu_kernels, "_SOURCES", sources)
+  with pytest.raises(RuntimeError, match="failed: .*broken.cc"):
+    cpu_kernels.library_path()
+  assert list(cache.iterdir()) == []
+
+
+_SHARDED = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from pvt_jax.models import ops
+from pvt_jax.train import sharding
+rng = np.random.default_rng(0)
+x = rng.standard_normal((4, 6, 5, 32)).astype(np.float32)
+kernel = jnp.asarray(0.3 * rng.standard_normal((3, 3, 1, 32)), jnp.float32)
+bias = jnp.asarray(0.1 * rng.standard_normal(32), jnp.float32)
+loss = lambda x, k, b: (ops.depthwise_conv3x3_gelu(x, k, b) ** 2).sum()
+grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+batch = sharding.batch_sharding(sharding.create_mesh(fsdp=int(sys.argv[1])))
+sharded = jax.device_put(x, batch)
+hlo = grads.lower(sharded, kernel, bias).compile().as_text()
+assert "all-gather" not in hlo, hlo
+assert "f32[2,6,5,32]{3,2,1,0} custom-call(" in hlo, hlo  # each device runs its half
+got, want = grads(sharded, kernel, bias), grads(jnp.asarray(x), kernel, bias)
+assert got[0].sharding.is_equivalent_to(batch, x.ndim), got[0].sharding
+for a, b in zip(got, want):
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+q = jnp.asarray(rng.standard_normal((4, 30, 2, 16)), jnp.float32)
+kv = jnp.asarray(rng.standard_normal((4, 7, 2, 2, 16)), jnp.float32)
+attention_loss = lambda q, kv: (ops.attention(q, kv) ** 2).sum()
+grads = jax.jit(jax.grad(attention_loss, argnums=(0, 1)))
+sharded = [jax.device_put(a, batch) for a in (q, kv)]
+hlo = grads.lower(*sharded).compile().as_text()
+assert "all-gather" not in hlo, hlo
+assert "f32[2,30,2,16]{3,2,1,0} custom-call(" in hlo, hlo
+got, want = grads(*sharded), grads(q, kv)
+for a, b in zip(got, want):
+  assert a.sharding.is_equivalent_to(batch, a.ndim), a.sharding
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_batch_sharded_inputs_run_per_device_and_sum_the_weight_gradients(fsdp):
+  """The trainer's mesh: the batch split over ('data', 'fsdp'), 2 x 1 or 1 x 2 devices."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  result = subprocess.run([sys.executable, "-c", textwrap.dedent(_SHARDED), str(fsdp)], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
