@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pvt_jax import benchmark
+from pvt_jax.models import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +74,7 @@ def test_quick_run_reports_compile_memory_and_flops(quick_run):
         torch_s / (flops_per_call / peak))
   # The CLI re-executes itself under tcmalloc (CI installs it), for both frameworks alike.
   assert results["environment"]["allocator"] == "tcmalloc"
+  assert results["environment"]["cpu_kernels"] is True  # CI installs a C++ compiler
 
 
 def test_quick_run_writes_table_plot_and_sweep(quick_run):
@@ -149,3 +153,15 @@ def test_bfloat16_peak_and_timm_autocast_step():
   model.train_step()
   assert any(not b.equal(p) for b, p in zip(before, model.module.parameters(), strict=True))
   model.infer()
+
+
+def test_flop_counts_see_through_the_cpu_kernels():
+  """XLA counts an FFI call as no FLOPs; xla_flops counts the same math in XLA's forms."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((2, 64, 1, 32)), jnp.float32)
+  kv = jnp.asarray(rng.standard_normal((2, 49, 2, 1, 32)), jnp.float32)
+  in_kernel = jax.jit(ops.attention).lower(q, kv).compile().cost_analysis()
+  assert in_kernel.get("flops", 0.0) < 1e3  # the kernel is opaque to XLA
+  xla_form = jax.jit(ops._xla_attention).lower(q, kv).compile().cost_analysis()["flops"]
+  assert xla_form >= 2 * 2 * 64 * 49 * 32 * 2  # two products of 2*N*M*D FLOPs per image
+  assert benchmark.xla_flops(ops.attention, q, kv) == xla_form

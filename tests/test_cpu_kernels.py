@@ -118,6 +118,16 @@ def test_library_is_cached_and_rebuilt_only_when_missing(tmp_path, monkeypatch):
   assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 
 
+def test_suspended_kernels_trace_the_xla_forms():
+  x, taps, bias, _ = _arrays(np.random.default_rng(4), 2, 5, 6, 32)
+  with cpu_kernels.suspended():
+    assert not cpu_kernels.enabled()
+    assert "pvt_depthwise_gelu" not in _compiled_text(
+        lambda x: ops.depthwise_conv3x3_gelu(x, taps[:, :, None], bias), x)
+  assert cpu_kernels.enabled() and "pvt_depthwise_gelu" in _compiled_text(
+      lambda x: ops.depthwise_conv3x3_gelu(x, taps[:, :, None], bias), x)
+
+
 def test_without_a_compiler_ops_fall_back_to_xla_with_one_warning(tmp_path, monkeypatch):
   monkeypatch.setenv("PVT_JAX_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")

@@ -13,6 +13,7 @@ Libraries are cached under $PVT_JAX_CACHE_DIR (default ~/.cache/pvt_jax), keyed 
 sources, the FFI headers, the compiler and this CPU, so changing any of them rebuilds.
 PVT_JAX_CPU_KERNELS=0 turns the kernels off (A/B timing, debugging)."""
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -98,6 +99,27 @@ def available() -> bool:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
   return True
+
+
+_suspensions = 0
+
+
+@contextlib.contextmanager
+def suspended():
+  """Within this context `enabled()` is False: `ops` traces XLA's forms (e.g. for XLA's FLOP
+  count, which cannot see into an FFI call). It applies to what is traced here: jit reuses an
+  earlier trace of the same function."""
+  global _suspensions
+  _suspensions += 1
+  try:
+    yield
+  finally:
+    _suspensions -= 1
+
+
+def enabled() -> bool:
+  """Whether `ops` uses the kernels on CPU now: `available()` and not `suspended()`."""
+  return not _suspensions and available()
 
 
 def _like(a):
