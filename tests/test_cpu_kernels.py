@@ -41,9 +41,9 @@ def test_kernels_build_here_and_ops_use_them_on_cpu():
 
 
 # Batch 1 with 37 rows splits each image into chunks (halo rows recomputed at their borders);
-# 40 channels = two 16-wide blocks + 8 left over; 1x1 and single-row/column maps.
+# 40 channels = two 16-wide blocks + 8 left over; 1x1, single-row/column and empty maps.
 @pytest.mark.parametrize("batch,h,w,c", [(1, 37, 9, 40), (3, 7, 5, 48), (2, 1, 1, 16),
-                                         (2, 1, 6, 17), (4, 6, 1, 64)])
+                                         (2, 1, 6, 17), (4, 6, 1, 64), (2, 0, 3, 16)])
 def test_kernels_equal_the_xla_form_forward_and_backward(batch, h, w, c):
   x, taps, bias, g = _arrays(np.random.default_rng(c), batch, h, w, c)
   np.testing.assert_allclose(cpu_kernels.depthwise_gelu(x, taps, bias),
@@ -51,7 +51,7 @@ def test_kernels_equal_the_xla_form_forward_and_backward(batch, h, w, c):
   got = cpu_kernels.depthwise_gelu_backward(x, taps, bias, g)
   want = ops._xla_depthwise_gelu_backward(x, taps, bias, g)
   for name, a, b in zip(("dx", "dtaps", "dbias"), got, want, strict=True):
-    scale = float(jnp.abs(b).max())
+    scale = float(jnp.abs(b).max(initial=1.0))
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale, err_msg=name)
 
 
@@ -72,10 +72,11 @@ def test_ops_attention_uses_the_kernel_for_float32_and_head_dims_of_16s():
 
 
 # One key (softmax = 1), 17 keys (a 16-wide vector plus one, the rest padding), as many keys as
-# queries (stage 4, sr_ratio 1), a batch of one split into query chunks, logits in the hundreds.
+# queries (stage 4, sr_ratio 1), a batch of one split into query chunks, logits in the hundreds,
+# no queries at all.
 @pytest.mark.parametrize("batch,n,heads,d,m,spread", [
     (2, 5, 1, 16, 1, 1.0), (3, 37, 2, 32, 17, 1.0), (1, 300, 2, 64, 300, 1.0),
-    (1, 200, 1, 32, 49, 1.0), (2, 30, 5, 32, 49, 30.0)])
+    (1, 200, 1, 32, 49, 1.0), (2, 30, 5, 32, 49, 30.0), (2, 0, 1, 16, 4, 1.0)])
 def test_attention_kernel_equals_the_xla_form_forward_and_backward(batch, n, heads, d, m, spread):
   q, kv, g = _attention_arrays(np.random.default_rng(m), batch, n, heads, d, m, spread)
   np.testing.assert_allclose(cpu_kernels.attention(q, kv), ops._xla_attention(q, kv),
@@ -83,7 +84,8 @@ def test_attention_kernel_equals_the_xla_form_forward_and_backward(batch, n, hea
   got = cpu_kernels.attention_backward(q, kv, g)
   want = ops._xla_attention_backward(q, kv, g)
   for name, a, b in zip(("dq", "dkv"), got, want, strict=True):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max(initial=1.0)),
+                               err_msg=name)
 
 
 def test_attention_dropout_in_training_keeps_the_xla_form():

@@ -145,6 +145,7 @@ ffi::Error DepthwiseGeluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   if (ffi::Error error = CheckShapes(x, taps, bias); error.failure()) return error;
   auto d = x.dimensions();
   const int64_t B = d[0], H = d[1], W = d[2], C = d[3];
+  if (B * H * W * C == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   auto row_body = [&](int64_t row) {
@@ -166,6 +167,11 @@ ffi::Error DepthwiseGeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   auto d = x.dimensions();
   const int64_t B = d[0], H = d[1], W = d[2], C = d[3];
   const float* tp = taps.typed_data();
+  if (B * H * W == 0) {  // no pixels: the kernel and bias gradients are zero
+    std::fill(dtaps->typed_data(), dtaps->typed_data() + 9 * C, 0.0f);
+    std::fill(dbias->typed_data(), dbias->typed_data() + C, 0.0f);
+    return ffi::Error::Success();
+  }
   // The input gradient is the same stencil over the pre-activation gradient, taps flipped.
   std::vector<float> flipped(9 * C), zeros(C, 0.0f);
   for (int64_t t = 0; t < 9; ++t) std::copy(tp + t * C, tp + (t + 1) * C, &flipped[(8 - t) * C]);
