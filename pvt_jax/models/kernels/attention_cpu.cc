@@ -229,8 +229,9 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         for (int64_t c = 0; c < s.D; c += kLanes) {
           Vec k_sum = L::Load(dk + c), v_sum = L::Load(dv + c);
           for (int64_t i = 0; i < count; ++i) {
-            k_sum += ds[i * s.padded_m + m] * L::Load(q.typed_data() + s.RowOffset(b, n + i, h) + c);
-            v_sum += p[i * s.padded_m + m] * L::Load(g.typed_data() + s.RowOffset(b, n + i, h) + c);
+            const int64_t row = s.RowOffset(b, n + i, h) + c;
+            k_sum += ds[i * s.padded_m + m] * L::Load(q.typed_data() + row);
+            v_sum += p[i * s.padded_m + m] * L::Load(g.typed_data() + row);
           }
           L::Store(dk + c, k_sum);
           L::Store(dv + c, v_sum);

@@ -30,7 +30,6 @@ struct Lanes;
 
 template <>
 struct Lanes<float> {
-  static constexpr int64_t kSize = 1;
   static float Load(const float* p) { return *p; }
   static void Store(float* p, float v) { *p = v; }
   static float Pow2(float n) {  // 2^n for integral n in [-126, 127]
@@ -40,7 +39,6 @@ struct Lanes<float> {
 
 template <>
 struct Lanes<Vec> {
-  static constexpr int64_t kSize = kLanes;
   static Vec Load(const float* p) {
     Vec v;
     std::memcpy(&v, p, sizeof(v));

@@ -140,8 +140,9 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& taps,
   return ffi::Error::Success();
 }
 
-ffi::Error DepthwiseGeluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> taps,
-                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error DepthwiseGeluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> bias,
+                                ffi::ResultBuffer<ffi::F32> y) {
   if (ffi::Error error = CheckShapes(x, taps, bias); error.failure()) return error;
   auto d = x.dimensions();
   const int64_t B = d[0], H = d[1], W = d[2], C = d[3];
@@ -159,10 +160,11 @@ ffi::Error DepthwiseGeluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   return ffi::Error::Success();
 }
 
-ffi::Error DepthwiseGeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> taps,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> g,
-                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dtaps,
-                    ffi::ResultBuffer<ffi::F32> dbias) {
+ffi::Error DepthwiseGeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> bias,
+                                 ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
+                                 ffi::ResultBuffer<ffi::F32> dtaps,
+                                 ffi::ResultBuffer<ffi::F32> dbias) {
   if (ffi::Error error = CheckShapes(x, taps, bias); error.failure()) return error;
   auto d = x.dimensions();
   const int64_t B = d[0], H = d[1], W = d[2], C = d[3];
