@@ -201,3 +201,13 @@ def test_batch_sharded_inputs_run_per_device_and_sum_the_weight_gradients(fsdp):
   result = subprocess.run([sys.executable, "-c", textwrap.dedent(_SHARDED), str(fsdp)], env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_direct_calls_register_the_kernels_first():
+  """A fresh process whose first use is cpu_kernels' own functions, not ops."""
+  script = ("import jax.numpy as jnp; from pvt_jax.models import cpu_kernels; "
+            "print(float(cpu_kernels.attention(jnp.ones((1, 3, 1, 16)), "
+            "jnp.ones((1, 2, 2, 1, 16))).sum()))")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0 and float(result.stdout) == 48.0, result.stderr[-2000:]

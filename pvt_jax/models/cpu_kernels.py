@@ -122,6 +122,11 @@ def enabled() -> bool:
   return not _suspensions and available()
 
 
+def _require() -> None:
+  if not available():
+    raise RuntimeError("pvt_jax CPU kernels are unavailable (see the warning above)")
+
+
 def _like(a):
   return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
@@ -187,11 +192,13 @@ _partitioned_backward.def_partition(
 
 def depthwise_gelu(x, taps, bias):
   """GELU(depthwise 3x3 conv of x [B, H, W, C] with taps [3, 3, C], + bias [C]); float32."""
+  _require()
   return _partitioned_forward(x, taps, bias)
 
 
 def depthwise_gelu_backward(x, taps, bias, g):
   """(dx, dtaps, dbias) of `depthwise_gelu` for the output gradient g."""
+  _require()
   return _partitioned_backward(x, taps, bias, g)
 
 
@@ -235,9 +242,11 @@ _partitioned_attention_backward.def_partition(
 
 def attention(q, kv):
   """softmax(q k^T / sqrt(D)) v per head: q [B, N, H, D], kv [B, M, 2, H, D]; float32, 16 | D."""
+  _require()
   return _partitioned_attention(q, kv)
 
 
 def attention_backward(q, kv, g):
   """(dq, dkv) of `attention` for the output gradient g."""
+  _require()
   return _partitioned_attention_backward(q, kv, g)
