@@ -118,8 +118,9 @@ def suspended():
 
 
 def enabled() -> bool:
-  """Whether `ops` uses the kernels on CPU now: `available()` and not `suspended()`."""
-  return not _suspensions and available()
+  """Whether `ops` uses the kernels now (float32 maps): JAX's default backend is the CPU, they
+  are `available()` and not `suspended()`."""
+  return not _suspensions and jax.default_backend() == "cpu" and available()
 
 
 def _require() -> None:
@@ -149,8 +150,13 @@ def _depthwise_backward(x, taps, bias, g):
 # gradients are summed over the devices that split the batch.
 
 
+def _spec4(arg):
+  """The sharding spec of a rank-4 argument, one entry per dimension."""
+  return tuple(arg.sharding.spec) + (None,) * (4 - len(arg.sharding.spec))
+
+
 def _map_spec(arg):
-  batch, _, _, channels = tuple(arg.sharding.spec) + (None,) * (4 - len(arg.sharding.spec))
+  batch, _, _, channels = _spec4(arg)
   return batch, channels
 
 
@@ -214,7 +220,7 @@ def _attention_backward(q, kv, g):
 
 def _attention_specs(mesh, arg):
   """Images and heads may stay sharded (each is independent); queries, keys and channels not."""
-  batch, _, heads, _ = tuple(arg.sharding.spec) + (None,) * (4 - len(arg.sharding.spec))
+  batch, _, heads, _ = _spec4(arg)
   return (NamedSharding(mesh, P(batch, None, heads, None)),
           NamedSharding(mesh, P(batch, None, None, heads, None)))
 
