@@ -158,11 +158,14 @@ def xla_memory(compiled) -> dict:
           "peak_bytes": peak}
 
 
-def xla_flops(fn, *args) -> float:
-  """XLA's FLOP count of fn(*args), traced with XLA's forms of the ops: an FFI call (the CPU
-  kernels) counts as no FLOPs, so counting the compiled program itself would undercount."""
-  with cpu_kernels.suspended():
-    cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
+def xla_flops(compiled, fn, *args) -> float:
+  """XLA's FLOP count of `compiled`, the program of fn(*args). XLA counts an FFI call as no
+  FLOPs, so where the CPU kernels are in it the count comes from fn traced again with XLA's
+  forms of the ops (through a new function object: jit would reuse its trace of fn)."""
+  if cpu_kernels.enabled():
+    with cpu_kernels.suspended():
+      compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+  cost = compiled.cost_analysis()
   if isinstance(cost, list):
     cost = cost[0]
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -202,10 +205,11 @@ class JaxModel:
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  def flops(self):
-    """XLA's FLOP counts of (the inference function, the train step)."""
-    return (xla_flops(self._logits, self.params, self.images),
-            xla_flops(self._train_step, self.params, self.opt_state, self.images, self.labels))
+  def flops(self, inference, train):
+    """XLA's FLOP counts of (the compiled inference function, the compiled train step)."""
+    return (xla_flops(inference, self._logits, self.params, self.images),
+            xla_flops(train, self._train_step, self.params, self.opt_state, self.images,
+                      self.labels))
 
   def inference_fn(self, compiled):
     return lambda: jax.block_until_ready(compiled(self.params, self.images))
@@ -306,7 +310,7 @@ def compare_variant(variant: str, s: Settings, peak_flops: float, device: str) -
   jx = JaxModel(variant, b, r, r, s.dtype)
   infer, infer_compile_s = jx.compile_inference()
   train, train_compile_s = jx.compile_train()
-  flops_infer, flops_train = jx.flops()
+  flops_infer, flops_train = jx.flops(infer, train)
   fns = {"jax_inference": jx.inference_fn(infer), "jax_train": jx.train_fn(train)}
   tm = TorchModel(variant, b, r, r, s.dtype, device)
   fns.update(torch_inference=tm.infer, torch_train=tm.train_step)
@@ -372,7 +376,7 @@ def resolution_sweep(s: Settings) -> dict:
       rows.append({"resolution": r, "pixels": r * r, "median_s": float(np.median(t)),
                    "min_s": float(min(t)), "max_s": float(max(t)), "compile_s": compile_s,
                    "peak_bytes": xla_memory(compiled).get("peak_bytes"),
-                   "gflops": xla_flops(jx._logits, jx.params, jx.images) / 1e9})
+                   "gflops": xla_flops(compiled, jx._logits, jx.params, jx.images) / 1e9})
       del jx, compiled
     out[variant] = {"rows": rows, "time_fit": _line_fit(rows, "median_s"),
                     "memory_fit": _line_fit(rows, "peak_bytes"),
@@ -430,7 +434,7 @@ def environment() -> dict:
           "torch": torch.__version__, "timm": timm.__version__,
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "allocator": allocator.active_allocator(),
-          "cpu_kernels": jax.default_backend() == "cpu" and cpu_kernels.enabled(),
+          "cpu_kernels": cpu_kernels.enabled(),
           "machine": platform.processor() or platform.machine()}
 
 
