@@ -21,15 +21,16 @@ def _compiled_text(f, *args):
 
 
 def _arrays(rng, batch, h, w, c):
+  """x, taps, bias, input bias and an output gradient for the depthwise conv + GELU."""
   x, g = (rng.standard_normal((batch, h, w, c)).astype(np.float32) for _ in range(2))
   taps = (0.3 * rng.standard_normal((3, 3, c))).astype(np.float32)
-  bias = (0.1 * rng.standard_normal(c)).astype(np.float32)
-  return jnp.asarray(x), jnp.asarray(taps), jnp.asarray(bias), jnp.asarray(g)
+  bias, input_bias = ((0.1 * rng.standard_normal(c)).astype(np.float32) for _ in range(2))
+  return tuple(map(jnp.asarray, (x, taps, bias, input_bias, g)))
 
 
 def test_kernels_build_here_and_ops_use_them_on_cpu():
   assert cpu_kernels.available()
-  x, taps, bias, _ = _arrays(np.random.default_rng(0), 2, 5, 6, 32)
+  x, taps, bias, _, _ = _arrays(np.random.default_rng(0), 2, 5, 6, 32)
   kernel = taps[:, :, None, :]
   loss = lambda x: ops.depthwise_conv3x3_gelu(x, kernel, bias).sum()  # noqa: E731
   assert 'custom_call_target="pvt_depthwise_gelu"' in _compiled_text(
@@ -45,12 +46,13 @@ def test_kernels_build_here_and_ops_use_them_on_cpu():
 @pytest.mark.parametrize("batch,h,w,c", [(1, 37, 9, 40), (3, 7, 5, 48), (2, 1, 1, 16),
                                          (2, 1, 6, 17), (4, 6, 1, 64), (2, 0, 3, 16)])
 def test_kernels_equal_the_xla_form_forward_and_backward(batch, h, w, c):
-  x, taps, bias, g = _arrays(np.random.default_rng(c), batch, h, w, c)
-  np.testing.assert_allclose(cpu_kernels.depthwise_gelu(x, taps, bias),
-                             ops._xla_depthwise_gelu(x, taps, bias), rtol=1e-6, atol=1e-6)
-  got = cpu_kernels.depthwise_gelu_backward(x, taps, bias, g)
-  want = ops._xla_depthwise_gelu_backward(x, taps, bias, g)
-  for name, a, b in zip(("dx", "dtaps", "dbias"), got, want, strict=True):
+  x, taps, bias, input_bias, g = _arrays(np.random.default_rng(c), batch, h, w, c)
+  np.testing.assert_allclose(cpu_kernels.depthwise_gelu(x, taps, bias, input_bias),
+                             ops._xla_depthwise_gelu(x, taps, bias, input_bias),
+                             rtol=1e-6, atol=1e-6)
+  got = cpu_kernels.depthwise_gelu_backward(x, taps, bias, input_bias, g)
+  want = ops._xla_depthwise_gelu_backward(x, taps, bias, input_bias, g)
+  for name, a, b in zip(("dx", "dtaps", "dbias", "dinput_bias"), got, want, strict=True):
     scale = float(jnp.abs(b).max(initial=1.0))
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale, err_msg=name)
 
@@ -88,6 +90,40 @@ def test_attention_kernel_equals_the_xla_form_forward_and_backward(batch, n, hea
                                err_msg=name)
 
 
+def _norm_arrays(rng, rows, c, offset=0.0):
+  x, g = (rng.standard_normal((rows, c)).astype(np.float32) for _ in range(2))
+  scale, bias = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+  return jnp.asarray(x + offset), jnp.asarray(scale), jnp.asarray(bias), jnp.asarray(g)
+
+
+def test_ops_layer_norm_uses_the_kernel_for_float32():
+  x, scale, bias, g = _norm_arrays(np.random.default_rng(5), 12, 32)
+  x = x.reshape(2, 3, 2, 32)
+  norm = lambda x: ops.layer_norm(x, scale, bias, 1e-6)  # noqa: E731
+  assert 'custom_call_target="pvt_layer_norm"' in _compiled_text(norm, x)
+  backward = lambda x: jax.vjp(norm, x)[1](g.reshape(x.shape))  # noqa: E731
+  assert 'custom_call_target="pvt_layer_norm_backward"' in _compiled_text(backward, x)
+  assert "pvt_layer_norm" not in _compiled_text(norm, x.astype(jnp.bfloat16))
+
+
+# One row; more rows than one chunk of partial sums (256) with 17 channels (a vector + 1); three
+# chunks of 320; one channel (zero variance); no rows; a large mean over a small spread (x then
+# holds ~1e-5 of the spread: the tolerance scales with it, still 50x below one-pass statistics
+# error there).
+@pytest.mark.parametrize("rows,c,offset", [(1, 16, 0.0), (300, 17, 0.0), (600, 320, 0.0),
+                                           (5, 1, 0.0), (0, 8, 0.0), (70, 64, 300.0)])
+def test_layer_norm_kernel_equals_the_xla_form_forward_and_backward(rows, c, offset):
+  x, scale, bias, g = _norm_arrays(np.random.default_rng(rows), rows, c, offset)
+  tolerance = 2e-6 * (1.0 + offset)
+  np.testing.assert_allclose(cpu_kernels.layer_norm(x, scale, bias, 1e-5),
+                             ops._xla_layer_norm(x, scale, bias, 1e-5), rtol=0, atol=tolerance)
+  got = cpu_kernels.layer_norm_backward(x, scale, g, 1e-5)
+  want = ops._xla_layer_norm_backward(x, scale, g, 1e-5)
+  for name, a, b in zip(("dx", "dscale", "dbias"), got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, err_msg=name,
+                               atol=tolerance * float(jnp.abs(b).max(initial=1.0)))
+
+
 def test_attention_dropout_in_training_keeps_the_xla_form():
   from pvt_jax.models.pvt_v2 import SpatialReductionAttention
   x = jnp.ones((1, 8, 8, 32))
@@ -99,12 +135,14 @@ def test_attention_dropout_in_training_keeps_the_xla_form():
   assert "pvt_attention" not in _compiled_text(lambda x: apply(x, True), x)
 
 
-@pytest.mark.parametrize("kernel", ["depthwise", "attention"])
+@pytest.mark.parametrize("kernel", ["depthwise", "attention", "layer_norm"])
 def test_backwards_are_deterministic(kernel):
   rng = np.random.default_rng(1)
   backward, args = {
       "depthwise": (cpu_kernels.depthwise_gelu_backward, _arrays(rng, 3, 29, 11, 32)),
       "attention": (cpu_kernels.attention_backward, _attention_arrays(rng, 1, 333, 2, 32, 49)),
+      "layer_norm": (lambda x, scale, _, g: cpu_kernels.layer_norm_backward(x, scale, g, 1e-6),
+                     _norm_arrays(rng, 1000, 48)),
   }[kernel]
   first, second = jax.jit(backward)(*args), jax.jit(backward)(*args)
   for a, b in zip(first, second, strict=True):
@@ -121,7 +159,7 @@ def test_library_is_cached_and_rebuilt_only_when_missing(tmp_path, monkeypatch):
 
 
 def test_suspended_kernels_trace_the_xla_forms():
-  x, taps, bias, _ = _arrays(np.random.default_rng(4), 2, 5, 6, 32)
+  x, taps, bias, _, _ = _arrays(np.random.default_rng(4), 2, 5, 6, 32)
   with cpu_kernels.suspended():
     assert not cpu_kernels.enabled()
     assert "pvt_depthwise_gelu" not in _compiled_text(
@@ -137,7 +175,7 @@ def test_without_a_compiler_ops_fall_back_to_xla_with_one_warning(tmp_path, monk
   try:
     with pytest.warns(RuntimeWarning, match="CPU kernels unavailable.*no-such-compiler"):
       assert not cpu_kernels.available()
-    x, taps, bias, _ = _arrays(np.random.default_rng(2), 2, 4, 3, 8)
+    x, taps, bias, _, _ = _arrays(np.random.default_rng(2), 2, 4, 3, 8)
     text = _compiled_text(lambda x: ops.depthwise_conv3x3_gelu(x, taps[:, :, None], bias), x)
     assert "pvt_depthwise_gelu" not in text
   finally:
@@ -165,15 +203,16 @@ from pvt_jax.train import sharding
 rng = np.random.default_rng(0)
 x = rng.standard_normal((4, 6, 5, 32)).astype(np.float32)
 kernel = jnp.asarray(0.3 * rng.standard_normal((3, 3, 1, 32)), jnp.float32)
-bias = jnp.asarray(0.1 * rng.standard_normal(32), jnp.float32)
-loss = lambda x, k, b: (ops.depthwise_conv3x3_gelu(x, k, b) ** 2).sum()
-grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+bias, input_bias = (jnp.asarray(0.1 * rng.standard_normal(32), jnp.float32) for _ in range(2))
+loss = lambda x, k, b, ib: (ops.depthwise_conv3x3_gelu(x, k, b, ib) ** 2).sum()
+grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 batch = sharding.batch_sharding(sharding.create_mesh(fsdp=int(sys.argv[1])))
 sharded = jax.device_put(x, batch)
-hlo = grads.lower(sharded, kernel, bias).compile().as_text()
+hlo = grads.lower(sharded, kernel, bias, input_bias).compile().as_text()
 assert "all-gather" not in hlo, hlo
 assert "f32[2,6,5,32]{3,2,1,0} custom-call(" in hlo, hlo  # each device runs its half
-got, want = grads(sharded, kernel, bias), grads(jnp.asarray(x), kernel, bias)
+got = grads(sharded, kernel, bias, input_bias)
+want = grads(jnp.asarray(x), kernel, bias, input_bias)
 assert got[0].sharding.is_equivalent_to(batch, x.ndim), got[0].sharding
 for a, b in zip(got, want):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
@@ -189,6 +228,18 @@ assert "f32[2,30,2,16]{3,2,1,0} custom-call(" in hlo, hlo
 got, want = grads(*sharded), grads(q, kv)
 for a, b in zip(got, want):
   assert a.sharding.is_equivalent_to(batch, a.ndim), a.sharding
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+scale, bias = jnp.linspace(0.5, 1.5, 32), jnp.linspace(-1.0, 1.0, 32)
+norm_loss = lambda x, s, b: (ops.layer_norm(x, s, b, 1e-6) ** 3).sum()
+grads = jax.jit(jax.grad(norm_loss, argnums=(0, 1, 2)))
+sharded = jax.device_put(x, batch)
+hlo = grads.lower(sharded, scale, bias).compile().as_text()
+assert "all-gather" not in hlo, hlo
+assert "f32[60,32]{1,0} custom-call(" in hlo, hlo  # each device normalises its 2 x 6 x 5 rows
+got, want = grads(sharded, scale, bias), grads(jnp.asarray(x), scale, bias)
+assert got[0].sharding.is_equivalent_to(batch, x.ndim), got[0].sharding
+for a, b in zip(got, want):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 print("ok")
 """

@@ -1,5 +1,7 @@
 """pvt_jax.models.ops against PyTorch's own layers and against XLA's reference convolutions."""
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from jax import lax
 
-from pvt_jax.models import ops
-from pvt_jax.models.pvt_v2 import layer_norm
+from pvt_jax.models import cpu_kernels, ops
+from pvt_jax.models.pvt_v2 import LayerNorm
 
 TOL = dict(rtol=1e-5, atol=2e-5)
 
@@ -73,18 +75,21 @@ def _grads(f, args, cotangent):
 
 
 # Pixel counts 108, 2, 24, 98, 110 and 1: the kernel gradient folds runs of 6, 2, 6, 7, 5, 1.
+# The input bias (fc1's, added inside the op) is added to the pixels, not to the zero padding.
 @pytest.mark.parametrize("batch,size", [(2, (9, 6)), (2, (1, 1)), (2, (4, 3)), (2, (7, 7)),
                                         (2, (5, 11)), (1, (1, 1))])
-def test_depthwise_conv_gelu_gradients_match_autodiff_of_xla_grouped_conv(batch, size):
+@pytest.mark.parametrize("form", ["cpu_kernel", "xla"])
+def test_depthwise_conv_gelu_gradients_match_autodiff_of_xla_grouped_conv(batch, size, form):
   rng = np.random.default_rng(3)
   c = 8
   args = tuple(jnp.asarray(a) for a in (_rand(rng, batch, *size, c), _rand(rng, 3, 3, 1, c),
-                                        _rand(rng, c)))
+                                        _rand(rng, c), _rand(rng, c)))
   g = jnp.asarray(_rand(rng, batch, *size, c))
-  out, got = _grads(ops.depthwise_conv3x3_gelu, args, g)
+  with cpu_kernels.suspended() if form == "xla" else contextlib.nullcontext():
+    out, got = _grads(jax.jit(lambda *a: ops.depthwise_conv3x3_gelu(*a)), args, g)
 
-  def reference(x, w, b):
-    return jax.nn.gelu(_xla_conv(x, w, b, 1, 1, groups=c), approximate=False)
+  def reference(x, w, b, input_bias):
+    return jax.nn.gelu(_xla_conv(x + input_bias, w, b, 1, 1, groups=c), approximate=False)
 
   ref_out, want = _grads(reference, args, g)
   np.testing.assert_allclose(out, ref_out, **TOL)
@@ -139,16 +144,23 @@ def test_adaptive_avg_pool_matches_torch_bins(size):
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
-def test_layer_norm_matches_torch(eps):
+@pytest.mark.parametrize("form", ["cpu_kernel", "xla"])
+def test_layer_norm_matches_torch_with_gradients(eps, form):
   rng = np.random.default_rng(6)
   # An offset mean checks that the variance does not lose precision to cancellation.
   x, scale, bias = _rand(rng, 2, 5, 3, 64) * 3 + 10, _rand(rng, 64), _rand(rng, 64)
-  ln = layer_norm(eps, jnp.float32, "norm")
-  got = ln.apply({"params": {"scale": scale, "bias": bias}}, jnp.asarray(x))
-  want = F.layer_norm(torch.from_numpy(x), (64,), torch.from_numpy(scale),
-                      torch.from_numpy(bias), eps)
-  np.testing.assert_allclose(got, want.numpy(), **TOL)
-  assert isinstance(ln, nn.LayerNorm)
+  g = _rand(rng, 2, 5, 3, 64)
+  ln = LayerNorm(eps)
+  apply = lambda x, scale, bias: ln.apply({"params": {"scale": scale, "bias": bias}}, x)  # noqa: E731
+  with cpu_kernels.suspended() if form == "xla" else contextlib.nullcontext():
+    got, vjp = jax.vjp(jax.jit(apply), *map(jnp.asarray, (x, scale, bias)))
+    got_grads = vjp(jnp.asarray(g))
+  tx, tscale, tbias = (torch.from_numpy(a).requires_grad_() for a in (x, scale, bias))
+  want = F.layer_norm(tx, (64,), tscale, tbias, eps)
+  want.backward(torch.from_numpy(g))
+  np.testing.assert_allclose(got, want.detach().numpy(), **TOL)
+  for a, t in zip(got_grads, (tx, tscale, tbias), strict=True):
+    np.testing.assert_allclose(a, t.grad.numpy(), rtol=1e-5, atol=1e-5 * float(t.grad.abs().max()))
 
 
 def test_gelu_is_torch_exact_erf_gelu_with_its_gradient():

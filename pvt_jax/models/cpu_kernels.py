@@ -26,6 +26,7 @@ import tempfile
 import warnings
 
 import jax
+import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
@@ -35,7 +36,9 @@ _SOURCES = pathlib.Path(__file__).parent / "kernels"
 _TARGETS = {"pvt_depthwise_gelu": "PvtDepthwiseGeluForward",
             "pvt_depthwise_gelu_backward": "PvtDepthwiseGeluBackward",
             "pvt_attention": "PvtAttentionForward",
-            "pvt_attention_backward": "PvtAttentionBackward"}
+            "pvt_attention_backward": "PvtAttentionBackward",
+            "pvt_layer_norm": "PvtLayerNormForward",
+            "pvt_layer_norm_backward": "PvtLayerNormBackward"}
 
 
 def cache_dir() -> pathlib.Path:
@@ -132,15 +135,16 @@ def _like(a):
   return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
-def _depthwise_forward(x, taps, bias):
+def _depthwise_forward(x, taps, bias, input_bias):
   return jax.ffi.ffi_call("pvt_depthwise_gelu", _like(x), vmap_method="sequential")(
-      x, taps, bias)
+      x, taps, bias, input_bias)
 
 
-def _depthwise_backward(x, taps, bias, g):
-  call = jax.ffi.ffi_call("pvt_depthwise_gelu_backward", (_like(x), _like(taps), _like(bias)),
+def _depthwise_backward(x, taps, bias, input_bias, g):
+  call = jax.ffi.ffi_call("pvt_depthwise_gelu_backward",
+                          (_like(x), _like(taps), _like(bias), _like(input_bias)),
                           vmap_method="sequential")
-  return tuple(call(x, taps, bias, g))
+  return tuple(call(x, taps, bias, input_bias, g))
 
 
 # Sharding: XLA cannot see into an FFI call, so by itself it would gather a batch-sharded map
@@ -161,51 +165,53 @@ def _map_spec(arg):
 
 
 def _specs(mesh, batch, channels):
+  """Shardings of x, taps, bias and input_bias."""
   named = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
-  return (named(batch, None, None, channels), named(None, None, channels), named(channels))
+  return (named(batch, None, None, channels), named(None, None, channels), named(channels),
+          named(channels))
 
 
 def _partition_forward(mesh, arg_shapes, result_shape):
-  x_spec, taps_spec, bias_spec = _specs(mesh, *_map_spec(arg_shapes[0]))
-  return mesh, _depthwise_forward, x_spec, (x_spec, taps_spec, bias_spec)
+  specs = _specs(mesh, *_map_spec(arg_shapes[0]))
+  return mesh, _depthwise_forward, specs[0], specs
 
 
 def _partition_backward(mesh, arg_shapes, result_shape):
   batch, channels = _map_spec(arg_shapes[0])
-  x_spec, taps_spec, bias_spec = _specs(mesh, batch, channels)
+  specs = _specs(mesh, batch, channels)
   batch_axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
 
-  def per_shard(x, taps, bias, g):
-    dx, dtaps, dbias = _depthwise_backward(x, taps, bias, g)
+  def per_shard(x, taps, bias, input_bias, g):
+    dx, *weight_grads = _depthwise_backward(x, taps, bias, input_bias, g)
     if batch_axes:
-      dtaps, dbias = lax.psum((dtaps, dbias), batch_axes)
-    return dx, dtaps, dbias
+      weight_grads = lax.psum(weight_grads, batch_axes)
+    return dx, *weight_grads
 
-  return (mesh, per_shard, (x_spec, taps_spec, bias_spec),
-          (x_spec, taps_spec, bias_spec, x_spec))
+  return mesh, per_shard, specs, (*specs, specs[0])
 
 
 _partitioned_forward = custom_partitioning(_depthwise_forward)
 _partitioned_forward.def_partition(
-    _partition_forward, sharding_rule="b h w c, i j c, c -> b h w c",
+    _partition_forward, sharding_rule="b h w c, i j c, c, c -> b h w c",
     need_replication_factors=("h", "w", "i", "j"))
 _partitioned_backward = custom_partitioning(_depthwise_backward)
 _partitioned_backward.def_partition(
     _partition_backward,
-    sharding_rule="b h w c, i j c, c, b h w c -> b h w c, i j c, c",
+    sharding_rule="b h w c, i j c, c, c, b h w c -> b h w c, i j c, c, c",
     need_replication_factors=("h", "w", "i", "j"))
 
 
-def depthwise_gelu(x, taps, bias):
-  """GELU(depthwise 3x3 conv of x [B, H, W, C] with taps [3, 3, C], + bias [C]); float32."""
+def depthwise_gelu(x, taps, bias, input_bias):
+  """GELU(depthwise 3x3 conv of (x [B, H, W, C] + input_bias [C]) with taps [3, 3, C], zero
+  padding, + bias [C]); float32."""
   _require()
-  return _partitioned_forward(x, taps, bias)
+  return _partitioned_forward(x, taps, bias, input_bias)
 
 
-def depthwise_gelu_backward(x, taps, bias, g):
-  """(dx, dtaps, dbias) of `depthwise_gelu` for the output gradient g."""
+def depthwise_gelu_backward(x, taps, bias, input_bias, g):
+  """(dx, dtaps, dbias, dinput_bias) of `depthwise_gelu` for the output gradient g."""
   _require()
-  return _partitioned_backward(x, taps, bias, g)
+  return _partitioned_backward(x, taps, bias, input_bias, g)
 
 
 def _attention_forward(q, kv):
@@ -256,3 +262,60 @@ def attention_backward(q, kv, g):
   """(dq, dkv) of `attention` for the output gradient g."""
   _require()
   return _partitioned_attention_backward(q, kv, g)
+
+
+def _layer_norm_forward(x, scale, bias, eps):
+  return jax.ffi.ffi_call("pvt_layer_norm", _like(x), vmap_method="sequential")(
+      x, scale, bias, eps=np.float32(eps))
+
+
+def _layer_norm_backward(x, scale, g, eps):
+  call = jax.ffi.ffi_call("pvt_layer_norm_backward", (_like(x), _like(scale), _like(scale)),
+                          vmap_method="sequential")
+  return tuple(call(x, scale, g, eps=np.float32(eps)))
+
+
+def _row_specs(mesh, arg):
+  """Rows may stay sharded (each is normalised alone); channels are gathered."""
+  rows = arg.sharding.spec[0] if len(arg.sharding.spec) else None
+  return rows, NamedSharding(mesh, P(rows, None)), NamedSharding(mesh, P(None))
+
+
+def _partition_layer_norm(eps, mesh, arg_shapes, result_shape):
+  _, x_spec, vector_spec = _row_specs(mesh, arg_shapes[0])
+  return (mesh, functools.partial(_layer_norm_forward, eps=eps), x_spec,
+          (x_spec, vector_spec, vector_spec))
+
+
+def _partition_layer_norm_backward(eps, mesh, arg_shapes, result_shape):
+  rows, x_spec, vector_spec = _row_specs(mesh, arg_shapes[0])
+  row_axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+
+  def per_shard(x, scale, g):
+    dx, dscale, dbias = _layer_norm_backward(x, scale, g, eps)
+    if row_axes:
+      dscale, dbias = lax.psum((dscale, dbias), row_axes)
+    return dx, dscale, dbias
+
+  return mesh, per_shard, (x_spec, vector_spec, vector_spec), (x_spec, vector_spec, x_spec)
+
+
+_partitioned_layer_norm = custom_partitioning(_layer_norm_forward, static_argnums=(3,))
+_partitioned_layer_norm.def_partition(
+    _partition_layer_norm, sharding_rule="r c, c, c -> r c", need_replication_factors=("c",))
+_partitioned_layer_norm_backward = custom_partitioning(_layer_norm_backward, static_argnums=(3,))
+_partitioned_layer_norm_backward.def_partition(
+    _partition_layer_norm_backward, sharding_rule="r c, c, r c -> r c, c, c",
+    need_replication_factors=("c",))
+
+
+def layer_norm(x, scale, bias, eps: float):
+  """LayerNorm of each row of x [rows, C] (two-pass statistics), * scale [C] + bias [C]; float32."""
+  _require()
+  return _partitioned_layer_norm(x, scale, bias, eps)
+
+
+def layer_norm_backward(x, scale, g, eps: float):
+  """(dx, dscale, dbias) of `layer_norm` for the output gradient g."""
+  _require()
+  return _partitioned_layer_norm_backward(x, scale, g, eps)

@@ -85,19 +85,25 @@ def patchify_conv(x, kernel, bias):
   return x @ kernel.reshape(k * k * c, -1).astype(x.dtype) + bias.astype(x.dtype)
 
 
-@jax.custom_vjp
-def linear(x, kernel, bias):
-  """x @ kernel + bias over the last axis: `nn.Dense`'s numbers, with a backward pass for XLA:CPU.
+def linear(x, kernel, bias=None):
+  """x @ kernel (+ bias) over the last axis: `nn.Dense`'s numbers, with a backward pass for
+  XLA:CPU.
 
   The kernel gradient is a product over all pixels, for which XLA:CPU first writes one operand
   out transposed. Autodiff picks the output gradient, 4-8x wider than the input in the FFN's fc1;
   transposing the narrower one makes a B0 or B2 train step 10-15% faster here.
   """
-  return x @ kernel + bias
+  y = _matmul(x, kernel)
+  return y if bias is None else y + bias
 
 
-def _linear_fwd(x, kernel, bias):
-  return linear(x, kernel, bias), (x, kernel)
+@jax.custom_vjp
+def _matmul(x, kernel):
+  return x @ kernel
+
+
+def _matmul_fwd(x, kernel):
+  return _matmul(x, kernel), (x, kernel)
 
 
 def _weight_gradient(x2, g2):
@@ -108,14 +114,13 @@ def _weight_gradient(x2, g2):
   return lax.dot_general(g2, x2, over_rows).T
 
 
-def _linear_bwd(residuals, g):
+def _matmul_bwd(residuals, g):
   x, kernel = residuals
   fan_in, fan_out = kernel.shape
-  g2 = g.reshape(-1, fan_out)
-  return g @ kernel.T, _weight_gradient(x.reshape(-1, fan_in), g2), g2.sum(axis=0)
+  return g @ kernel.T, _weight_gradient(x.reshape(-1, fan_in), g.reshape(-1, fan_out))
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 _SQRT_HALF = 0.7071067811865476
@@ -168,22 +173,24 @@ def _tap_gradients(x, g):
   return jnp.stack([r.sum(axis=0) for r in runs]).reshape(3, 3, c)
 
 
-def _xla_depthwise_gelu(x, taps, bias):
-  return gelu(_shifted_taps(x, taps) + bias)
+def _xla_depthwise_gelu(x, taps, bias, input_bias):
+  return gelu(_shifted_taps(x + input_bias, taps) + bias)
 
 
-def _xla_depthwise_gelu_backward(x, taps, bias, g):
+def _xla_depthwise_gelu_backward(x, taps, bias, input_bias, g):
   # Written out for memory traffic, which bounds these wide maps on CPU: the pre-activation is
   # recomputed from x (the same reads as loading a stored copy, minus a write and its memory),
   # and the input gradient is the same shifted sum of the incoming gradient with the kernel
   # flipped (autodiff instead pads nine products and sums them). The recomputation adds the taps
   # in the opposite order: not an expression XLA merges with the forward's, which would make
   # the forward a second pass over the map to hand its erf over (1-6% faster per FFN, measured).
+  x = x + input_bias
   grad_pre = g * _gelu_derivative(_shifted_taps(x, taps, reverse=True) + bias)
   dx = _shifted_taps(grad_pre, taps[::-1, ::-1])
   dtaps = _tap_gradients(x, grad_pre).astype(taps.dtype)
   dbias = jnp.sum(grad_pre.astype(jnp.float32), axis=(0, 1, 2)).astype(bias.dtype)
-  return dx, dtaps, dbias
+  dinput_bias = jnp.sum(dx.astype(jnp.float32), axis=(0, 1, 2)).astype(input_bias.dtype)
+  return dx, dtaps, dbias, dinput_bias
 
 
 def _cpu_kernels_apply(x) -> bool:
@@ -199,31 +206,36 @@ def _per_backend(x, cpu_kernel, xla_form, *args):
 
 
 @jax.custom_vjp
-def _depthwise_gelu(x, taps, bias):
-  return _per_backend(x, cpu_kernels.depthwise_gelu, _xla_depthwise_gelu, x, taps, bias)
+def _depthwise_gelu(x, taps, bias, input_bias):
+  return _per_backend(x, cpu_kernels.depthwise_gelu, _xla_depthwise_gelu, x, taps, bias,
+                      input_bias)
 
 
-def _depthwise_gelu_fwd(x, taps, bias):
-  return _depthwise_gelu(x, taps, bias), (x, taps, bias)
+def _depthwise_gelu_fwd(x, taps, bias, input_bias):
+  return _depthwise_gelu(x, taps, bias, input_bias), (x, taps, bias, input_bias)
 
 
 def _depthwise_gelu_bwd(residuals, g):
-  x, taps, bias = residuals
-  return _per_backend(x, cpu_kernels.depthwise_gelu_backward, _xla_depthwise_gelu_backward,
-                      x, taps, bias, g)
+  return _per_backend(residuals[0], cpu_kernels.depthwise_gelu_backward,
+                      _xla_depthwise_gelu_backward, *residuals, g)
 
 
 _depthwise_gelu.defvjp(_depthwise_gelu_fwd, _depthwise_gelu_bwd)
 
 
-def depthwise_conv3x3_gelu(x, kernel, bias):
+def depthwise_conv3x3_gelu(x, kernel, bias, input_bias=None):
   """GELU(depthwise 3x3 conv, stride 1, padding 1) (kernel [3, 3, 1, C]), as in PVT v2's FFN.
 
+  `input_bias` [C], if given, is added to x first (not to the padding): the FFN passes fc1's
+  bias here, so that no separate pass over the wide hidden map adds it (or sums its gradient).
   On CPU (float32) a hand-written kernel (`cpu_kernels`); elsewhere, and where it cannot be
   built, nine shifted multiply-adds: ~10x faster than a grouped convolution on XLA:CPU in both
   directions, the same sums, and fused with the GELU that always follows it.
   """
-  return _depthwise_gelu(x, kernel[:, :, 0, :].astype(x.dtype), bias.astype(x.dtype))
+  if input_bias is None:
+    input_bias = jnp.zeros(x.shape[-1], x.dtype)
+  return _depthwise_gelu(x, kernel[:, :, 0, :].astype(x.dtype), bias.astype(x.dtype),
+                         input_bias.astype(x.dtype))
 
 
 def attention_probabilities(q, k):
@@ -268,6 +280,51 @@ def _kernel_attention_bwd(residuals, g):
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+def _xla_layer_norm(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  centered = x32 - x32.mean(axis=-1, keepdims=True)
+  rstd = lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+  return (centered * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps: float):
+  """LayerNorm over the last axis with PyTorch's two-pass statistics (in float32), * scale + bias.
+
+  On CPU (float32) a hand-written kernel (`cpu_kernels`), one pass over the map each way:
+  XLA:CPU makes several of a LayerNorm's forward and backward (3-4x slower at PVT v2's widths);
+  elsewhere the same math traced for XLA.
+  """
+  if not _cpu_kernels_apply(x):
+    return _xla_layer_norm(x, scale, bias, eps)
+  rows = x.reshape(-1, x.shape[-1])
+  return _kernel_layer_norm(rows, scale.astype(x.dtype), bias.astype(x.dtype), eps).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_layer_norm(x, scale, bias, eps):
+  return lax.platform_dependent(x, scale, bias,
+                                cpu=functools.partial(cpu_kernels.layer_norm, eps=eps),
+                                default=functools.partial(_xla_layer_norm, eps=eps))
+
+
+def _kernel_layer_norm_fwd(x, scale, bias, eps):
+  return _kernel_layer_norm(x, scale, bias, eps), (x, scale)
+
+
+def _xla_layer_norm_backward(x, scale, g, eps):
+  norm = lambda x, scale, bias: _xla_layer_norm(x, scale, bias, eps)  # noqa: E731
+  return jax.vjp(norm, x, scale, jnp.zeros_like(scale))[1](g)
+
+
+def _kernel_layer_norm_bwd(eps, residuals, g):
+  return lax.platform_dependent(
+      *residuals, g, cpu=functools.partial(cpu_kernels.layer_norm_backward, eps=eps),
+      default=functools.partial(_xla_layer_norm_backward, eps=eps))
+
+
+_kernel_layer_norm.defvjp(_kernel_layer_norm_fwd, _kernel_layer_norm_bwd)
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int):

@@ -72,27 +72,41 @@ class DepthwiseConv3x3GELU(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, input_bias=None):
     c = x.shape[-1]
     kernel = self.param("kernel", depthwise_init, (3, 3, 1, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return ops.depthwise_conv3x3_gelu(x.astype(self.dtype), kernel, bias)
+    return ops.depthwise_conv3x3_gelu(x.astype(self.dtype), kernel, bias, input_bias)
 
 
 class Linear(nn.Module):
-  """`nn.Dense` (same parameters, init and numbers) with `ops.linear`'s faster backward pass."""
+  """`nn.Dense` (same parameters, init and numbers) with `ops.linear`'s faster backward pass.
+
+  With `defer_bias` it returns (x @ kernel, bias), for a next op that adds the bias itself.
+  """
   features: int
   dtype: Dtype = jnp.float32
+  defer_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", linear_init, (x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return ops.linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    y = ops.linear(x.astype(self.dtype), kernel.astype(self.dtype),
+                   None if self.defer_bias else bias)
+    return (y, bias) if self.defer_bias else y
 
 
-def layer_norm(eps, dtype, name):
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+class LayerNorm(nn.Module):
+  """LayerNorm over channels (`ops.layer_norm`: PyTorch's statistics); `nn.LayerNorm`'s params."""
+  epsilon: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    return ops.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -106,7 +120,7 @@ class OverlapPatchEmbed(nn.Module):
   def __call__(self, x):
     x = Conv(self.embed_dim, self.patch_size, self.stride, self.patch_size // 2, self.dtype,
              name="proj")(x)
-    return layer_norm(1e-5, self.dtype, "norm")(x)
+    return LayerNorm(1e-5, self.dtype, name="norm")(x)
 
 
 class SpatialReductionAttention(nn.Module):
@@ -132,10 +146,10 @@ class SpatialReductionAttention(nn.Module):
     if self.linear:
       kv_map = ops.adaptive_avg_pool(x.astype(self.dtype), 7)
       kv_map = Conv(c, 1, dtype=self.dtype, name="sr")(kv_map)
-      kv_map = ops.gelu(layer_norm(1e-5, self.dtype, "norm")(kv_map))
+      kv_map = ops.gelu(LayerNorm(1e-5, self.dtype, name="norm")(kv_map))
     elif self.sr_ratio > 1:
       kv_map = Conv(c, self.sr_ratio, self.sr_ratio, dtype=self.dtype, name="sr")(x)
-      kv_map = layer_norm(1e-5, self.dtype, "norm")(kv_map)
+      kv_map = LayerNorm(1e-5, self.dtype, name="norm")(kv_map)
     else:
       kv_map = x
     kv = Linear(2 * c, self.dtype, name="kv")(kv_map).reshape(b, -1, 2, self.num_heads, head_dim)
@@ -160,10 +174,12 @@ class ConvFFN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     dim = x.shape[-1]
-    x = Linear(self.hidden_dim, self.dtype, name="fc1")(x)
-    if self.linear:
-      x = nn.relu(x)
-    x = DepthwiseConv3x3GELU(self.dtype, name="dwconv")(x)
+    if self.linear:  # ReLU between fc1 and the conv
+      x = nn.relu(Linear(self.hidden_dim, self.dtype, name="fc1")(x))
+      x = DepthwiseConv3x3GELU(self.dtype, name="dwconv")(x)
+    else:  # the conv adds fc1's bias as it reads the map: one pass over it less, each way
+      x, fc1_bias = Linear(self.hidden_dim, self.dtype, defer_bias=True, name="fc1")(x)
+      x = DepthwiseConv3x3GELU(self.dtype, name="dwconv")(x, fc1_bias)
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
     x = Linear(dim, self.dtype, name="fc2")(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=not train)
@@ -194,12 +210,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = layer_norm(1e-6, self.dtype, "norm1")(x)
+    y = LayerNorm(1e-6, self.dtype, name="norm1")(x)
     y = SpatialReductionAttention(self.dim, self.num_heads, self.sr_ratio, self.linear,
                                   self.attn_drop_rate, self.drop_rate, self.dtype, name="attn")(
                                       y, train)
     x = x + DropPath(self.drop_path_rate)(y, train)
-    y = layer_norm(1e-6, self.dtype, "norm2")(x)
+    y = LayerNorm(1e-6, self.dtype, name="norm2")(x)
     y = ConvFFN(self.dim * self.mlp_ratio, self.linear, self.drop_rate, self.dtype, name="mlp")(
         y, train)
     return x + DropPath(self.drop_path_rate)(y, train)
@@ -222,7 +238,7 @@ class Stage(nn.Module):
     for j, rate in enumerate(self.drop_path_rates):
       x = Block(v.embed_dims[i], v.num_heads[i], v.mlp_ratios[i], v.sr_ratios[i], v.linear,
                 self.drop_rate, self.attn_drop_rate, rate, self.dtype, name=f"block{j}")(x, train)
-    return layer_norm(1e-6, self.dtype, "norm")(x)
+    return LayerNorm(1e-6, self.dtype, name="norm")(x)
 
 
 class PyramidVisionTransformerV2(nn.Module):

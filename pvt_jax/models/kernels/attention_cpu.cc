@@ -22,7 +22,7 @@
 namespace pvt_jax {
 namespace {
 
-constexpr int64_t kQueries = 4;  // queries per block in the backward pass
+constexpr int64_t kQueries = 4;  // queries per block (sharing loads of keys and values)
 
 struct Shape {
   int64_t B, N, H, D, M, padded_m;
@@ -82,34 +82,34 @@ void WithVectors(int64_t n, F&& f) {
   }
 }
 
-// out[0:padded_m] = sum_d row[d] * scale * transposed[d, :]. Up to four vectors of keys at a
-// time with the rows of `transposed` in the inner loop: independent multiply-add chains.
-void RowTimesTransposed(const float* row, float scale, const float* transposed, const Shape& s,
-                        float* out) {
+// Queries are handled in blocks of kQueries, which share every load of keys or values. A block
+// past the last query repeats that query (its results go to scratch and are dropped).
+struct Block {
+  const float* q[kQueries];  // query rows (or output-gradient rows)
+  float* out[kQueries];      // where each query's D outputs go
+};
+
+// out[i, 0:padded_m] = sum_d rows[i][d] * scale * transposed[d, :] for the kQueries rows, up to
+// four vectors of keys at a time: kQueries x 4 independent multiply-add chains in registers.
+void RowsTimesTransposed(const float* const* rows, float scale, const float* transposed,
+                         const Shape& s, float* out) {
   using L = Lanes<Vec>;
   for (int64_t j0 = 0; j0 < s.padded_m; j0 += 4 * kLanes) {
     WithVectors((s.padded_m - j0) / kLanes, [&]<int64_t n>() {
-      Vec acc[n] = {};
+      Vec acc[kQueries][n] = {};
       for (int64_t d = 0; d < s.D; ++d) {
-        const float rd = row[d] * scale;
         const float* t = transposed + d * s.padded_m + j0;
-        for (int64_t j = 0; j < n; ++j) acc[j] += rd * L::Load(t + j * kLanes);
+        Vec keys[n];
+        for (int64_t j = 0; j < n; ++j) keys[j] = L::Load(t + j * kLanes);
+        for (int64_t i = 0; i < kQueries; ++i) {
+          const float rd = rows[i][d] * scale;
+          for (int64_t j = 0; j < n; ++j) acc[i][j] += rd * keys[j];
+        }
       }
-      for (int64_t j = 0; j < n; ++j) L::Store(out + j0 + j * kLanes, acc[j]);
+      for (int64_t i = 0; i < kQueries; ++i)
+        for (int64_t j = 0; j < n; ++j) L::Store(out + i * s.padded_m + j0 + j * kLanes, acc[i][j]);
     });
   }
-}
-
-float HorizontalMax(Vec v) {
-  float m = v[0];
-  for (int64_t k = 1; k < kLanes; ++k) m = std::max(m, v[k]);
-  return m;
-}
-
-float HorizontalSum(Vec v) {
-  float total = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) total += v[k];
-  return total;
 }
 
 // Logits of one query -> probabilities in place (exactly zero on the padding).
@@ -127,35 +127,46 @@ void Softmax(const Shape& s, float* p) {
   Vec totals = {};
   for (int64_t j = 0; j < s.padded_m; j += kLanes) totals += L::Load(p + j);
   const float total = HorizontalSum(totals);
-  MapInPlace(p, s.padded_m, [total](auto v, int64_t) { return v / total; });
+  const float inverse = 1.0f / total;
+  MapInPlace(p, s.padded_m, [inverse](auto v, int64_t) { return v * inverse; });
 }
 
-// out[0:D] = sum_m weights[m] * kv[m, which, :], up to four vectors of channels at a time over
-// two interleaved halves of the keys (independent multiply-add chains).
+// outs[i][0:D] = sum_m weights[i, m] * kv[m, which, :] for the kQueries rows of weights
+// [kQueries, padded_m], up to four vectors of channels at a time.
 void WeightedRows(const float* weights, const float* kv, const Shape& s, int64_t b, int64_t h,
-                  int64_t which, float* out) {
+                  int64_t which, float* const* outs) {
   using L = Lanes<Vec>;
   const int64_t stride = 2 * s.H * s.D;  // from one key's row to the next
   const float* first = kv + s.KvOffset(b, 0, which, h);
   for (int64_t c0 = 0; c0 < s.D; c0 += 4 * kLanes) {
     WithVectors((s.D - c0) / kLanes, [&]<int64_t n>() {
-      Vec even[n] = {}, odd[n] = {};
-      int64_t m = 0;
-      for (; m + 1 < s.M; m += 2) {
-        const float* r0 = first + m * stride + c0;
-        const float* r1 = r0 + stride;
-        for (int64_t j = 0; j < n; ++j) {
-          even[j] += weights[m] * L::Load(r0 + j * kLanes);
-          odd[j] += weights[m + 1] * L::Load(r1 + j * kLanes);
+      Vec acc[kQueries][n] = {};
+      for (int64_t m = 0; m < s.M; ++m) {
+        const float* row = first + m * stride + c0;
+        Vec v[n];
+        for (int64_t j = 0; j < n; ++j) v[j] = L::Load(row + j * kLanes);
+        for (int64_t i = 0; i < kQueries; ++i) {
+          const float w = weights[i * s.padded_m + m];
+          for (int64_t j = 0; j < n; ++j) acc[i][j] += w * v[j];
         }
       }
-      if (m < s.M) {
-        const float* r0 = first + m * stride + c0;
-        for (int64_t j = 0; j < n; ++j) even[j] += weights[m] * L::Load(r0 + j * kLanes);
-      }
-      for (int64_t j = 0; j < n; ++j) L::Store(out + c0 + j * kLanes, even[j] + odd[j]);
+      for (int64_t i = 0; i < kQueries; ++i)
+        for (int64_t j = 0; j < n; ++j) L::Store(outs[i] + c0 + j * kLanes, acc[i][j]);
     });
   }
+}
+
+// The block of queries starting at n: row pointers into `rows` (q or g) and output pointers into
+// `out`, the rows past `end` repeating the last one and writing to `scratch`.
+Block BlockAt(const float* rows, float* out, float* scratch, const Shape& s, int64_t b,
+              int64_t h, int64_t n, int64_t end) {
+  Block block;
+  for (int64_t i = 0; i < kQueries; ++i) {
+    const int64_t offset = s.RowOffset(b, std::min(n + i, end - 1), h);
+    block.q[i] = rows + offset;
+    block.out[i] = n + i < end ? out + offset : scratch;
+  }
+  return block;
 }
 
 ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -168,12 +179,14 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   auto chunk_body = [&](int64_t chunk) {
     const int64_t b = chunk / (s.H * chunks.per_head), h = chunk / chunks.per_head % s.H;
     const int64_t n0 = chunk % chunks.per_head * chunks.rows;
-    std::vector<float> keys(s.D * s.padded_m), p(s.padded_m);
+    const int64_t end = std::min(s.N, n0 + chunks.rows);
+    std::vector<float> keys(s.D * s.padded_m), p(kQueries * s.padded_m), scratch(s.D);
     Transpose(kv.typed_data(), s, b, h, 0, keys.data());
-    for (int64_t n = n0; n < std::min(s.N, n0 + chunks.rows); ++n) {
-      RowTimesTransposed(q.typed_data() + s.RowOffset(b, n, h), scale, keys.data(), s, p.data());
-      Softmax(s, p.data());
-      WeightedRows(p.data(), kv.typed_data(), s, b, h, 1, out->typed_data() + s.RowOffset(b, n, h));
+    for (int64_t n = n0; n < end; n += kQueries) {
+      const Block block = BlockAt(q.typed_data(), out->typed_data(), scratch.data(), s, b, h, n, end);
+      RowsTimesTransposed(block.q, scale, keys.data(), s, p.data());
+      for (int64_t i = 0; i < kQueries; ++i) Softmax(s, p.data() + i * s.padded_m);
+      WeightedRows(p.data(), kv.typed_data(), s, b, h, 1, block.out);
     }
   };
   ParallelFor(pool, chunks.count, chunk_body);
@@ -197,20 +210,23 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const int64_t b = chunk / (s.H * chunks.per_head), h = chunk / chunks.per_head % s.H;
     const int64_t n0 = chunk % chunks.per_head * chunks.rows;
     std::vector<float> keys(s.D * s.padded_m), values(s.D * s.padded_m);
-    std::vector<float> p(kQueries * s.padded_m), ds(kQueries * s.padded_m);
+    std::vector<float> p(kQueries * s.padded_m), ds(kQueries * s.padded_m), scratch(s.D);
     Transpose(kv.typed_data(), s, b, h, 0, keys.data());
     Transpose(kv.typed_data(), s, b, h, 1, values.data());
     float* acc = partial.data() + chunk * s.M * 2 * s.D;
     const int64_t end = std::min(s.N, n0 + chunks.rows);
     for (int64_t n = n0; n < end; n += kQueries) {
       const int64_t count = std::min(kQueries, end - n);
-      for (int64_t i = 0; i < count; ++i) {
+      const Block queries = BlockAt(q.typed_data(), dq->typed_data(), scratch.data(), s, b, h, n,
+                                    end);
+      const Block grads = BlockAt(g.typed_data(), dq->typed_data(), scratch.data(), s, b, h, n,
+                                  end);
+      RowsTimesTransposed(queries.q, scale, keys.data(), s, p.data());
+      RowsTimesTransposed(grads.q, 1.0f, values.data(), s, ds.data());  // dL/dp = g v^T
+      for (int64_t i = 0; i < kQueries; ++i) {
         float* pi = p.data() + i * s.padded_m;
         float* dsi = ds.data() + i * s.padded_m;
-        RowTimesTransposed(q.typed_data() + s.RowOffset(b, n + i, h), scale, keys.data(), s, pi);
         Softmax(s, pi);
-        RowTimesTransposed(g.typed_data() + s.RowOffset(b, n + i, h), 1.0f, values.data(), s,
-                           dsi);  // dL/dp = g v^T
         Vec deltas = {};  // sum_m p dL/dp: softmax's Jacobian applied to dL/dp
         for (int64_t j = 0; j < s.padded_m; j += kLanes)
           deltas += L::Load(pi + j) * L::Load(dsi + j);
@@ -218,9 +234,8 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         MapInPlace(dsi, s.padded_m, [&](auto v, int64_t k) {  // dL/dlogits (0 on padding)
           return Lanes<decltype(v)>::Load(pi + k) * (v - delta) * scale;
         });
-        WeightedRows(dsi, kv.typed_data(), s, b, h, 0,
-                     dq->typed_data() + s.RowOffset(b, n + i, h));
       }
+      WeightedRows(ds.data(), kv.typed_data(), s, b, h, 0, queries.out);  // dq
       // dk[m] += sum_i ds_i[m] q_i and dv[m] += sum_i p_i[m] g_i: each partial sum is loaded and
       // stored once per block of queries.
       for (int64_t m = 0; m < s.M; ++m) {

@@ -74,6 +74,30 @@ inline T ExpNonPositive(T y) {
   return p * Lanes<T>::Pow2(n);
 }
 
+// op over the 16 lanes of v in four halving steps (a chain of 15 scalar ops is latency-bound).
+template <typename Op>
+inline float Reduce(Vec v, Op op) {
+  using Half = float __attribute__((vector_size(32)));
+  using Quarter = float __attribute__((vector_size(16)));
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const Half h = op(lo, hi);
+  Quarter l4, h4;
+  std::memcpy(&l4, &h, sizeof(l4));
+  std::memcpy(&h4, reinterpret_cast<const char*>(&h) + sizeof(l4), sizeof(h4));
+  const Quarter q = op(l4, h4);
+  return op(op(q[0], q[1]), op(q[2], q[3]));
+}
+
+inline float HorizontalSum(Vec v) {
+  return Reduce(v, [](auto a, auto b) { return a + b; });
+}
+
+inline float HorizontalMax(Vec v) {
+  return Reduce(v, [](auto a, auto b) { return a > b ? a : b; });
+}
+
 // f(T) over n contiguous floats in place: whole vectors, then the remainder one by one.
 template <typename F>
 inline void MapInPlace(float* data, int64_t n, F f) {

@@ -1,5 +1,6 @@
 // GELU(3x3 depthwise conv + bias), the core of PVT v2's FFN, forward and backward, as XLA FFI
-// handlers for CPU (float32, NHWC, zero padding 1).
+// handlers for CPU (float32, NHWC, zero padding 1). The input arrives without fc1's bias, which is
+// added here as each pixel is read (saving a pass over the wide hidden map each way).
 //
 // Written by hand because XLA:CPU compiles the backward of this op poorly: as fused shifted
 // multiply-adds, one B0 stage-1 map (16x56x56x256) takes ~85 ms backward against ~25 ms here,
@@ -70,41 +71,51 @@ inline Rows RowsAround(const float* map, int64_t H, int64_t W, int64_t C, int64_
   return r;
 }
 
-// out[w, c:c+lanes] = bias + sum_ij rows[i][w + j - 1, c:c+lanes] * taps[i, j, c:c+lanes].
+// Per channel: the input's bias (added to every pixel, not to the zero padding), the taps and
+// the output's bias.
+struct Weights {
+  const float* input_bias;
+  const float* taps;  // [3, 3, C]
+  const float* bias;
+};
+
+// out[w, c:c+lanes] = bias + sum_ij (rows[i][w + j - 1, c:c+lanes] + input_bias[c:c+lanes])
+// * taps[i, j, c:c+lanes].
 template <typename T>
-inline void StencilBlock(const Rows& rows, const float* taps, const float* bias, int64_t W,
-                         int64_t C, int64_t w, int64_t c, float* out) {
+inline void StencilBlock(const Rows& rows, const Weights& k, int64_t W, int64_t C, int64_t w,
+                         int64_t c, float* out) {
   using L = Lanes<T>;
-  T acc = L::Load(bias + c);
+  const T input_bias = L::Load(k.input_bias + c);
+  T acc = L::Load(k.bias + c);
   for (int64_t i = 0; i < 3; ++i) {
     if (rows.row[i] == nullptr) continue;
     for (int64_t j = 0; j < 3; ++j) {
       const int64_t ww = w + j - 1;
       if (ww < 0 || ww >= W) continue;
-      acc += L::Load(rows.row[i] + ww * C + c) * L::Load(taps + (i * 3 + j) * C + c);
+      const T tap = L::Load(k.taps + (i * 3 + j) * C + c);
+      acc += (L::Load(rows.row[i] + ww * C + c) + input_bias) * tap;
     }
   }
   L::Store(out, acc);
 }
 
 // One output row of the depthwise 3x3 conv: out[W, C].
-inline void StencilRow(const Rows& rows, const float* taps, const float* bias, int64_t W,
-                       int64_t C, float* out) {
+inline void StencilRow(const Rows& rows, const Weights& k, int64_t W, int64_t C, float* out) {
   for (int64_t w = 0; w < W; ++w) {
     int64_t c = 0;
-    for (; c + kLanes <= C; c += kLanes)
-      StencilBlock<Vec>(rows, taps, bias, W, C, w, c, out + w * C + c);
-    for (; c < C; ++c) StencilBlock<float>(rows, taps, bias, W, C, w, c, out + w * C + c);
+    for (; c + kLanes <= C; c += kLanes) StencilBlock<Vec>(rows, k, W, C, w, c, out + w * C + c);
+    for (; c < C; ++c) StencilBlock<float>(rows, k, W, C, w, c, out + w * C + c);
   }
 }
 
-// acc[i, j, c:c+lanes] += sum_w x_rows[i][w + j - 1, c:c+lanes] * g[w, c:c+lanes] (the kernel
-// gradient from one output row) and acc[9, c:c+lanes] += sum_w g[w, c:c+lanes] (the bias's),
-// the ten sums held in registers along the row.
+// acc[i, j, c:c+lanes] += sum_w (x_rows[i][w + j - 1, c:c+lanes] + input_bias[c:c+lanes])
+// * g[w, c:c+lanes] (the kernel gradient from one output row) and acc[9, c:c+lanes] +=
+// sum_w g[w, c:c+lanes] (the bias's), the ten sums held in registers along the row.
 template <typename T>
-inline void TapGradientBlock(const Rows& x_rows, const float* g, int64_t W, int64_t C, int64_t c,
-                             float* acc) {
+inline void TapGradientBlock(const Rows& x_rows, const float* input_bias, const float* g,
+                             int64_t W, int64_t C, int64_t c, float* acc) {
   using L = Lanes<T>;
+  const T ib = L::Load(input_bias + c);
   T sums[10];
   for (int64_t t = 0; t < 10; ++t) sums[t] = L::Load(acc + t * C + c);
   for (int64_t w = 0; w < W; ++w) {
@@ -115,45 +126,59 @@ inline void TapGradientBlock(const Rows& x_rows, const float* g, int64_t W, int6
       for (int64_t j = 0; j < 3; ++j) {
         const int64_t ww = w + j - 1;
         if (ww < 0 || ww >= W) continue;
-        sums[i * 3 + j] += L::Load(x_rows.row[i] + ww * C + c) * gw;
+        sums[i * 3 + j] += (L::Load(x_rows.row[i] + ww * C + c) + ib) * gw;
       }
     }
   }
   for (int64_t t = 0; t < 10; ++t) L::Store(acc + t * C + c, sums[t]);
 }
 
-inline void TapGradientRow(const Rows& x_rows, const float* g, int64_t W, int64_t C, float* acc) {
+inline void TapGradientRow(const Rows& x_rows, const float* input_bias, const float* g,
+                           int64_t W, int64_t C, float* acc) {
   int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes) TapGradientBlock<Vec>(x_rows, g, W, C, c, acc);
-  for (; c < C; ++c) TapGradientBlock<float>(x_rows, g, W, C, c, acc);
+  for (; c + kLanes <= C; c += kLanes) TapGradientBlock<Vec>(x_rows, input_bias, g, W, C, c, acc);
+  for (; c < C; ++c) TapGradientBlock<float>(x_rows, input_bias, g, W, C, c, acc);
+}
+
+// sums[c] += sum_w row[w, c]: the input bias's gradient from one row of the input gradient.
+inline void AddColumnSums(const float* row, int64_t W, int64_t C, float* sums) {
+  for (int64_t w = 0; w < W; ++w) {
+    const float* pixel = row + w * C;
+    MapInPlace(sums, C, [pixel](auto v, int64_t c) {
+      return v + Lanes<decltype(v)>::Load(pixel + c);
+    });
+  }
 }
 
 ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& taps,
-                       ffi::Buffer<ffi::F32>& bias) {
+                       ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::F32>& input_bias) {
   auto d = x.dimensions();
+  auto is_vector = [&](ffi::Buffer<ffi::F32>& v) {
+    return v.dimensions().size() == 1 && v.dimensions()[0] == d[3];
+  };
   if (d.size() != 4 || taps.dimensions().size() != 3 || taps.dimensions()[0] != 3 ||
-      taps.dimensions()[1] != 3 || taps.dimensions()[2] != d[3] ||
-      bias.dimensions().size() != 1 || bias.dimensions()[0] != d[3]) {
+      taps.dimensions()[1] != 3 || taps.dimensions()[2] != d[3] || !is_vector(bias) ||
+      !is_vector(input_bias)) {
     return ffi::Error::InvalidArgument(
-        "depthwise_gelu: expected x [B, H, W, C], taps [3, 3, C] and bias [C]");
+        "depthwise_gelu: expected x [B, H, W, C], taps [3, 3, C], bias and input_bias [C]");
   }
   return ffi::Error::Success();
 }
 
 ffi::Error DepthwiseGeluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> bias,
-                                ffi::ResultBuffer<ffi::F32> y) {
-  if (ffi::Error error = CheckShapes(x, taps, bias); error.failure()) return error;
+                                ffi::Buffer<ffi::F32> input_bias, ffi::ResultBuffer<ffi::F32> y) {
+  if (ffi::Error error = CheckShapes(x, taps, bias, input_bias); error.failure()) return error;
   auto d = x.dimensions();
   const int64_t B = d[0], H = d[1], W = d[2], C = d[3];
   if (B * H * W * C == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
+  const Weights weights{input_bias.typed_data(), taps.typed_data(), bias.typed_data()};
   auto row_body = [&](int64_t row) {
     const int64_t b = row / H, h = row % H;
     float* out = yp + row * W * C;
-    StencilRow(RowsAround(xp + b * H * W * C, H, W, C, h), taps.typed_data(), bias.typed_data(),
-               W, C, out);
+    StencilRow(RowsAround(xp + b * H * W * C, H, W, C, h), weights, W, C, out);
     MapInPlace(out, W * C, [](auto v, int64_t) { return Gelu(v); });
   };
   ParallelFor(pool, B * H, row_body);
@@ -162,28 +187,32 @@ ffi::Error DepthwiseGeluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 ffi::Error DepthwiseGeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  ffi::Buffer<ffi::F32> taps, ffi::Buffer<ffi::F32> bias,
-                                 ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx,
-                                 ffi::ResultBuffer<ffi::F32> dtaps,
-                                 ffi::ResultBuffer<ffi::F32> dbias) {
-  if (ffi::Error error = CheckShapes(x, taps, bias); error.failure()) return error;
+                                 ffi::Buffer<ffi::F32> input_bias, ffi::Buffer<ffi::F32> g,
+                                 ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dtaps,
+                                 ffi::ResultBuffer<ffi::F32> dbias,
+                                 ffi::ResultBuffer<ffi::F32> dinput_bias) {
+  if (ffi::Error error = CheckShapes(x, taps, bias, input_bias); error.failure()) return error;
   auto d = x.dimensions();
   const int64_t B = d[0], H = d[1], W = d[2], C = d[3];
   const float* tp = taps.typed_data();
-  if (B * H * W == 0) {  // no pixels: the kernel and bias gradients are zero
-    std::fill(dtaps->typed_data(), dtaps->typed_data() + 9 * C, 0.0f);
-    std::fill(dbias->typed_data(), dbias->typed_data() + C, 0.0f);
-    return ffi::Error::Success();
-  }
+  float *dtp = dtaps->typed_data(), *dbp = dbias->typed_data(), *dip = dinput_bias->typed_data();
+  std::fill(dtp, dtp + 9 * C, 0.0f);
+  std::fill(dbp, dbp + C, 0.0f);
+  std::fill(dip, dip + C, 0.0f);
+  if (B * H * W == 0) return ffi::Error::Success();  // no pixels: the weight gradients are zero
   // The input gradient is the same stencil over the pre-activation gradient, taps flipped.
   std::vector<float> flipped(9 * C), zeros(C, 0.0f);
   for (int64_t t = 0; t < 9; ++t) std::copy(tp + t * C, tp + (t + 1) * C, &flipped[(8 - t) * C]);
+  const Weights weights{input_bias.typed_data(), tp, bias.typed_data()};
+  const Weights flipped_weights{zeros.data(), flipped.data(), zeros.data()};
   // Chunks of rows per image: about 8 per thread, each recomputing one halo row on either side.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t splits = std::min<int64_t>(H, (8 * threads + B - 1) / B);
   const int64_t rows_per_chunk = (H + splits - 1) / splits;
   const int64_t chunks_per_image = (H + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t chunks = B * chunks_per_image;
-  std::vector<float> partial(chunks * 10 * C, 0.0f);  // per chunk: 9 tap gradients + bias's
+  // Per chunk: the 9 tap gradients, the bias's, the input bias's.
+  std::vector<float> partial(chunks * 11 * C, 0.0f);
   auto chunk_body = [&](int64_t chunk) {
     const int64_t b = chunk / chunks_per_image;
     const int64_t r0 = (chunk % chunks_per_image) * rows_per_chunk;
@@ -191,7 +220,7 @@ ffi::Error DepthwiseGeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const float* xb = x.typed_data() + b * H * W * C;
     const float* gb = g.typed_data() + b * H * W * C;
     float* dxb = dx->typed_data() + b * H * W * C;
-    float* acc = partial.data() + chunk * 10 * C;
+    float* acc = partial.data() + chunk * 11 * C;
     // Pre-activation gradient rows h-1, h, h+1 live in ring[h % 3].
     std::vector<float> ring(3 * W * C);
     auto ring_rows = [&](int64_t h) {
@@ -202,31 +231,31 @@ ffi::Error DepthwiseGeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       }
       return r;
     };
+    auto input_gradient_row = [&](int64_t h) {
+      float* row = dxb + h * W * C;
+      StencilRow(ring_rows(h), flipped_weights, W, C, row);
+      AddColumnSums(row, W, C, acc + 10 * C);
+    };
     const int64_t first = std::max<int64_t>(r0 - 1, 0), last = std::min(r1 + 1, H);
     for (int64_t h = first; h < last; ++h) {
       float* grad_pre = ring.data() + (h % 3) * W * C;
       const Rows x_rows = RowsAround(xb, H, W, C, h);
-      StencilRow(x_rows, tp, bias.typed_data(), W, C, grad_pre);
+      StencilRow(x_rows, weights, W, C, grad_pre);
       const float* g_row = gb + h * W * C;
       MapInPlace(grad_pre, W * C, [g_row](auto v, int64_t k) {
         return Lanes<decltype(v)>::Load(g_row + k) * GeluDerivative(v);
       });
-      if (h >= r0 && h < r1) TapGradientRow(x_rows, grad_pre, W, C, acc);
-      if (h - 1 >= r0 && h - 1 < r1)
-        StencilRow(ring_rows(h - 1), flipped.data(), zeros.data(), W, C, dxb + (h - 1) * W * C);
+      if (h >= r0 && h < r1) TapGradientRow(x_rows, weights.input_bias, grad_pre, W, C, acc);
+      if (h - 1 >= r0 && h - 1 < r1) input_gradient_row(h - 1);
     }
-    if (last == H && H - 1 >= r0)  // the bottom row has no row below to wait for
-      StencilRow(ring_rows(H - 1), flipped.data(), zeros.data(), W, C, dxb + (H - 1) * W * C);
+    if (r1 == H) input_gradient_row(H - 1);  // the bottom row has no row below to wait for
   };
   ParallelFor(pool, chunks, chunk_body);
-  float* dtp = dtaps->typed_data();
-  float* dbp = dbias->typed_data();
-  std::fill(dtp, dtp + 9 * C, 0.0f);
-  std::fill(dbp, dbp + C, 0.0f);
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* acc = partial.data() + chunk * 10 * C;
+    const float* acc = partial.data() + chunk * 11 * C;
     for (int64_t k = 0; k < 9 * C; ++k) dtp[k] += acc[k];
     for (int64_t c = 0; c < C; ++c) dbp[c] += acc[9 * C + c];
+    for (int64_t c = 0; c < C; ++c) dip[c] += acc[10 * C + c];
   }
   return ffi::Error::Success();
 }
@@ -240,6 +269,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PvtDepthwiseGeluForward, pvt_jax::DepthwiseGeluFor
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x [B, H, W, C]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // taps [3, 3, C]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // bias [C]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // input_bias [C]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PvtDepthwiseGeluBackward, pvt_jax::DepthwiseGeluBackward,
@@ -248,7 +278,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PvtDepthwiseGeluBackward, pvt_jax::DepthwiseGeluBa
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // x
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // taps
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // bias
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // input_bias
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // output gradient
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dx
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dtaps
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());  // dbias
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // dbias
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());  // dinput_bias
