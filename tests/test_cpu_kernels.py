@@ -124,6 +124,33 @@ def test_layer_norm_kernel_equals_the_xla_form_forward_and_backward(rows, c, off
                                atol=tolerance * float(jnp.abs(b).max(initial=1.0)))
 
 
+def test_ops_weight_gradients_use_the_kernel_where_one_side_is_narrow():
+  rng = np.random.default_rng(7)
+
+  def kernel_gradient_hlo(fan_in, fan_out):
+    x = jnp.asarray(rng.standard_normal((2, 9, fan_in)), jnp.float32)
+    kernel = jnp.zeros((fan_in, fan_out))
+    return _compiled_text(jax.grad(lambda k: (ops.linear(x, k) ** 2).sum()), kernel)
+
+  assert 'custom_call_target="pvt_weight_gradient"' in kernel_gradient_hlo(32, 256)
+  assert 'custom_call_target="pvt_weight_gradient"' in kernel_gradient_hlo(256, 32)
+  assert 'custom_call_target="pvt_weight_gradient"' in kernel_gradient_hlo(147, 64)  # the stem
+  assert "pvt_weight_gradient" not in kernel_gradient_hlo(128, 512)  # XLA's is as fast
+  assert "pvt_weight_gradient" not in kernel_gradient_hlo(30, 45)  # neither side 16s
+
+
+# No rows; K not a multiple of the 6-row tile; the stem's 147 x 64; 3 and 5 vectors of columns;
+# a result large enough that the rows are split into fewer parts (and columns into bands).
+@pytest.mark.parametrize("m,k,n", [(0, 8, 16), (1000, 7, 48), (700, 147, 64), (300, 13, 80),
+                                   (600, 96, 2304)])
+def test_weight_gradient_kernel_equals_the_xla_product(m, k, n):
+  rng = np.random.default_rng(m + k)
+  x, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((m, k), (m, n)))
+  want = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
+  got = cpu_kernels.weight_gradient(x, g)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * max(1.0, np.abs(want).max()))
+
+
 def test_attention_dropout_in_training_keeps_the_xla_form():
   from pvt_jax.models.pvt_v2 import SpatialReductionAttention
   x = jnp.ones((1, 8, 8, 32))
@@ -135,7 +162,7 @@ def test_attention_dropout_in_training_keeps_the_xla_form():
   assert "pvt_attention" not in _compiled_text(lambda x: apply(x, True), x)
 
 
-@pytest.mark.parametrize("kernel", ["depthwise", "attention", "layer_norm"])
+@pytest.mark.parametrize("kernel", ["depthwise", "attention", "layer_norm", "weight_gradient"])
 def test_backwards_are_deterministic(kernel):
   rng = np.random.default_rng(1)
   backward, args = {
@@ -143,6 +170,8 @@ def test_backwards_are_deterministic(kernel):
       "attention": (cpu_kernels.attention_backward, _attention_arrays(rng, 1, 333, 2, 32, 49)),
       "layer_norm": (lambda x, scale, _, g: cpu_kernels.layer_norm_backward(x, scale, g, 1e-6),
                      _norm_arrays(rng, 1000, 48)),
+      "weight_gradient": (lambda x, g: (cpu_kernels.weight_gradient(x, g),),
+                          (rng.standard_normal((5000, 32)), rng.standard_normal((5000, 64)))),
   }[kernel]
   first, second = jax.jit(backward)(*args), jax.jit(backward)(*args)
   for a, b in zip(first, second, strict=True):
@@ -229,6 +258,17 @@ got, want = grads(*sharded), grads(q, kv)
 for a, b in zip(got, want):
   assert a.sharding.is_equivalent_to(batch, a.ndim), a.sharding
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+kernel = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+dense_loss = lambda x, k: (ops.linear(x, k) ** 2).sum()
+grad = jax.jit(jax.grad(dense_loss, argnums=1))
+sharded = jax.device_put(x, batch)
+hlo = grad.lower(sharded, kernel).compile().as_text()
+assert "all-gather" not in hlo, hlo
+assert 'custom_call_target="pvt_weight_gradient"' in hlo, hlo
+assert "f32[60,32]" in hlo, hlo  # each device sums its 2 x 6 x 5 rows
+got, want = grad(sharded, kernel), grad(jnp.asarray(x), kernel)
+np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 scale, bias = jnp.linspace(0.5, 1.5, 32), jnp.linspace(-1.0, 1.0, 32)
 norm_loss = lambda x, s, b: (ops.layer_norm(x, s, b, 1e-6) ** 3).sum()

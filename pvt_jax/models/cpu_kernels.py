@@ -38,7 +38,8 @@ _TARGETS = {"pvt_depthwise_gelu": "PvtDepthwiseGeluForward",
             "pvt_attention": "PvtAttentionForward",
             "pvt_attention_backward": "PvtAttentionBackward",
             "pvt_layer_norm": "PvtLayerNormForward",
-            "pvt_layer_norm_backward": "PvtLayerNormBackward"}
+            "pvt_layer_norm_backward": "PvtLayerNormBackward",
+            "pvt_weight_gradient": "PvtWeightGradient"}
 
 
 def cache_dir() -> pathlib.Path:
@@ -319,3 +320,34 @@ def layer_norm_backward(x, scale, g, eps: float):
   """(dx, dscale, dbias) of `layer_norm` for the output gradient g."""
   _require()
   return _partitioned_layer_norm_backward(x, scale, g, eps)
+
+
+def _weight_gradient(x, g):
+  out = jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype)
+  return jax.ffi.ffi_call("pvt_weight_gradient", out, vmap_method="sequential")(x, g)
+
+
+def _partition_weight_gradient(mesh, arg_shapes, result_shape):
+  """Rows may stay sharded: each device sums its own, then the partial products are added."""
+  rows = arg_shapes[0].sharding.spec[0] if len(arg_shapes[0].sharding.spec) else None
+  row_axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+
+  def per_shard(x, g):
+    product = _weight_gradient(x, g)
+    return lax.psum(product, row_axes) if row_axes else product
+
+  operand = NamedSharding(mesh, P(rows, None))
+  return mesh, per_shard, NamedSharding(mesh, P(None, None)), (operand, operand)
+
+
+_partitioned_weight_gradient = custom_partitioning(_weight_gradient)
+_partitioned_weight_gradient.def_partition(
+    _partition_weight_gradient, sharding_rule="m k, m n -> k n",
+    need_replication_factors=("k", "n"))
+
+
+def weight_gradient(x, g):
+  """x^T g [K, N] for x [M, K] and g [M, N] (float32, N a multiple of 16): a dense layer's
+  kernel gradient, summed over all rows."""
+  _require()
+  return _partitioned_weight_gradient(x, g)

@@ -106,12 +106,31 @@ def _matmul_fwd(x, kernel):
   return _matmul(x, kernel), (x, kernel)
 
 
-def _weight_gradient(x2, g2):
+def _xla_weight_gradient(x2, g2):
   """x2^T g2 over rows, transposing the narrower operand (XLA:CPU copies one out transposed)."""
   over_rows = (((0,), (0,)), ((), ()))
   if x2.shape[1] <= g2.shape[1]:
     return lax.dot_general(x2, g2, over_rows)
   return lax.dot_general(g2, x2, over_rows).T
+
+
+def _weight_gradient(x2, g2):
+  """x2^T g2 summed over all rows (pixels): a dense layer's or a patch-matrix conv's kernel
+  gradient.
+
+  On CPU (float32), where one side is at most 64 wide (PVT v2's stage-1/2 FFNs, attention
+  projections, the stem), a hand-written kernel (`cpu_kernels`): 1.4-3x faster than XLA:CPU's
+  product there, which transposes an operand first. It vectorises over its second operand,
+  so the wider side (a multiple of 16) goes there. Wider products stay XLA's (as fast).
+  """
+  k, n = x2.shape[1], g2.shape[1]
+  if not _cpu_kernels_apply(x2) or min(k, n) > 64 or (k % 16 and n % 16):
+    return _xla_weight_gradient(x2, g2)
+  if n % 16 == 0 and (n >= k or k % 16):
+    kernel = cpu_kernels.weight_gradient
+  else:
+    kernel = lambda x2, g2: cpu_kernels.weight_gradient(g2, x2).T  # noqa: E731
+  return lax.platform_dependent(x2, g2, cpu=kernel, default=_xla_weight_gradient)
 
 
 def _matmul_bwd(residuals, g):
