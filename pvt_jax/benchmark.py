@@ -455,7 +455,8 @@ def markdown(results: dict) -> str:
       + ", ".join(f"{k} {v:,.0f}" for k, v in peak["gflops_per_s_by_library"].items())
       + f"): {peak['gflops_per_s']:,.1f} GFLOP/s. pvt_jax inference is compiled with "
       "`pvt_jax.inference_compiler_options()`, its train step with XLA's defaults"
-      + ("; C++ CPU kernels for the depthwise conv + GELU and the attention core."
+      + ("; C++ CPU kernels for the depthwise conv + GELU, the attention core, LayerNorm and"
+         " narrow weight gradients."
          if env.get("cpu_kernels") else "."), "",
       "| variant | res | batch | dtype | inference img/s jax (IQR) | timm eager | speed-up "
       "| train img/s jax (IQR) | timm eager | speed-up | jax compile s (inf/train) "

@@ -6,8 +6,9 @@ backward passes), so each is expressed here as the cheapest exact equivalent: sh
 multiply-adds, space-to-depth reshapes and matrix products. All take NHWC maps and HWIO kernels
 (Flax's layout) and pad symmetrically like PyTorch (XLA's 'SAME' pads asymmetrically). `linear`
 (the blocks' dense layer) and `conv2d` have backward passes of their own for the same reason.
-On CPU in float32, the FFN's depthwise conv + GELU and the attention core run as C++ kernels
-(`cpu_kernels`), selected per backend: XLA:GPU/TPU compile the same math well by themselves.
+On CPU in float32, the FFN's depthwise conv + GELU, the attention core, LayerNorm and narrow
+weight gradients run as C++ kernels (`cpu_kernels`), selected per backend: XLA:GPU/TPU compile
+the same math well by themselves.
 """
 
 import functools
@@ -89,9 +90,9 @@ def linear(x, kernel, bias=None):
   """x @ kernel (+ bias) over the last axis: `nn.Dense`'s numbers, with a backward pass for
   XLA:CPU.
 
-  The kernel gradient is a product over all pixels, for which XLA:CPU first writes one operand
-  out transposed. Autodiff picks the output gradient, 4-8x wider than the input in the FFN's fc1;
-  transposing the narrower one makes a B0 or B2 train step 10-15% faster here.
+  The kernel gradient is a product over all pixels (`_weight_gradient`), for which XLA:CPU first
+  writes one operand out transposed. Autodiff picks the output gradient, 4-8x wider than the
+  input in the FFN's fc1; transposing the narrower one made a B0 or B2 train step 10-15% faster.
   """
   y = _matmul(x, kernel)
   return y if bias is None else y + bias
@@ -271,8 +272,8 @@ def _xla_attention(q, kv):
 def attention(q, kv):
   """softmax(q k^T / sqrt(D)) v per head: q [B, N, H, D], kv [B, M, 2, H, D] (keys, values).
 
-  On CPU (float32, D a multiple of 16) a hand-written kernel (`cpu_kernels`): 1.6-2.5x faster
-  forward and 1.2-2.2x backward than XLA:CPU's two batched products and softmax (PVT v2's
+  On CPU (float32, D a multiple of 16) a hand-written kernel (`cpu_kernels`): 1.7-2.8x faster
+  forward and 1.3-2.3x backward than XLA:CPU's two batched products and softmax (PVT v2's
   stage shapes, batch 16); elsewhere exactly those.
   """
   if q.shape[-1] % 16 or not _cpu_kernels_apply(q):

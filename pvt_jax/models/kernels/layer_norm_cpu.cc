@@ -122,7 +122,8 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       RowMap(C, acc_scale, [&](auto t, int64_t c) {
         return Load(acc_scale + c, t) + Load(gr + c, t) * Load(xh + c, t);
       });
-      RowMap(C, acc_bias, [&](auto t, int64_t c) { return Load(acc_bias + c, t) + Load(gr + c, t); });
+      RowMap(C, acc_bias,
+             [&](auto t, int64_t c) { return Load(acc_bias + c, t) + Load(gr + c, t); });
     }
   };
   ParallelFor(pool, chunks, chunk_body);

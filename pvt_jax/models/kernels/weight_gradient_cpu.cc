@@ -103,7 +103,8 @@ ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   std::copy(partial.begin(), partial.begin() + K * N, result);
   for (int64_t part = 1; part < parts; ++part) {
     const float* p = partial.data() + part * K * N;
-    MapInPlace(result, K * N, [p](auto v, int64_t i) { return v + Lanes<decltype(v)>::Load(p + i); });
+    MapInPlace(result, K * N,
+               [p](auto v, int64_t i) { return v + Lanes<decltype(v)>::Load(p + i); });
   }
   return ffi::Error::Success();
 }
