@@ -171,9 +171,11 @@ def _depthwise_backward(x, taps, bias, input_bias, g):
 # gradients are summed over the devices that split the batch.
 
 
-def _mesh_axes(entry) -> tuple:
-  """The mesh axes that one entry of a sharding spec names."""
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+def _summed_across(entry, values):
+  """Per-shard partial sums `values` added up over the mesh axes that one entry of a sharding
+  spec names (the devices that split that dimension)."""
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return lax.psum(values, axes) if axes else values
 
 
 def _spec4(arg):
@@ -201,13 +203,10 @@ def _partition_forward(mesh, arg_shapes, result_shape):
 def _partition_backward(mesh, arg_shapes, result_shape):
   batch, channels = _map_spec(arg_shapes[0])
   specs = _specs(mesh, batch, channels)
-  batch_axes = _mesh_axes(batch)
 
   def per_shard(x, taps, bias, input_bias, g):
     dx, *weight_grads = _depthwise_backward(x, taps, bias, input_bias, g)
-    if batch_axes:
-      weight_grads = lax.psum(weight_grads, batch_axes)
-    return dx, *weight_grads
+    return dx, *_summed_across(batch, weight_grads)
 
   return mesh, per_shard, specs, (*specs, specs[0])
 
@@ -312,13 +311,10 @@ def _partition_layer_norm(eps, mesh, arg_shapes, result_shape):
 
 def _partition_layer_norm_backward(eps, mesh, arg_shapes, result_shape):
   rows, x_spec, vector_spec = _row_specs(mesh, arg_shapes[0])
-  row_axes = _mesh_axes(rows)
 
   def per_shard(x, scale, g):
-    dx, dscale, dbias = _layer_norm_backward(x, scale, g, eps)
-    if row_axes:
-      dscale, dbias = lax.psum((dscale, dbias), row_axes)
-    return dx, dscale, dbias
+    dx, *weight_grads = _layer_norm_backward(x, scale, g, eps)
+    return dx, *_summed_across(rows, weight_grads)
 
   return mesh, per_shard, (x_spec, vector_spec, vector_spec), (x_spec, vector_spec, x_spec)
 
@@ -352,11 +348,9 @@ def _weight_gradient(x, g):
 def _partition_weight_gradient(mesh, arg_shapes, result_shape):
   """Rows may stay sharded: each device sums its own, then the partial products are added."""
   rows, operand, _ = _row_specs(mesh, arg_shapes[0])
-  row_axes = _mesh_axes(rows)
 
   def per_shard(x, g):
-    product = _weight_gradient(x, g)
-    return lax.psum(product, row_axes) if row_axes else product
+    return _summed_across(rows, _weight_gradient(x, g))
 
   return mesh, per_shard, NamedSharding(mesh, P(None, None)), (operand, operand)
 

@@ -125,13 +125,13 @@ def _weight_gradient(x2, g2):
   so the wider side (a multiple of 16) goes there. Wider products stay XLA's (as fast).
   """
   k, n = x2.shape[1], g2.shape[1]
-  if not _cpu_kernels_apply(x2) or min(k, n) > 64 or (k % 16 and n % 16):
+  if min(k, n) > 64 or (k % 16 and n % 16):
     return _xla_weight_gradient(x2, g2)
   if n % 16 == 0 and (n >= k or k % 16):
     kernel = cpu_kernels.weight_gradient
   else:
     kernel = lambda x2, g2: cpu_kernels.weight_gradient(g2, x2).T  # noqa: E731
-  return lax.platform_dependent(x2, g2, cpu=kernel, default=_xla_weight_gradient)
+  return _per_backend(x2, kernel, _xla_weight_gradient, x2, g2)
 
 
 def _matmul_bwd(residuals, g):
