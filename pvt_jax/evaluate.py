@@ -6,7 +6,9 @@
 
 A converted checkpoint (python -m pvt_jax.convert) is evaluated with the official ImageNet eval
 preprocessing (224 px, crop 0.875) unless flags say otherwise; a training workdir with its own
-config (dataset, resolution), at its best checkpoint by top-1 (or --step). Prints one JSON line.
+config (task, dataset, resolution), at its best checkpoint by the task's metric (top-1 for
+classification) or --step; only its parameters (and BatchNorm statistics) are read, not the
+optimizer state. Prints one JSON line.
 """
 
 # ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
@@ -20,14 +22,12 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags
 
-from pvt_jax import data
 from pvt_jax.checkpoints import load_converted
 from pvt_jax.checkpoints.errors import CheckpointError
 from pvt_jax.configs import classification
-from pvt_jax.train import checkpointing, cli, loop, sharding, steps
+from pvt_jax.train import checkpointing, cli, loop, sharding, steps, validation, workdir
 from pvt_jax.train.errors import ConfigError
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -57,20 +57,44 @@ def _converted_config(metadata: dict) -> ml_collections.ConfigDict:
   return config
 
 
-def _load(path: str):
-  """(config, params, step) from a training workdir or (config, params, None) from a converted
-  checkpoint."""
-  if os.path.isfile(os.path.join(path, loop.CONFIG_FILE)):
-    config = ml_collections.ConfigDict(loop.load_workdir_config(path))
-    ckpts = checkpointing.TrainCheckpoints(path, read_only=True)
-    step = _STEP.value if _STEP.value is not None else (ckpts.best_step() or ckpts.latest_step())
-    if step is None or step not in ckpts.all_steps():
-      raise CheckpointError(f"no checkpoint for step {step}", path)
-    setup = loop.create_setup(config)
-    target = checkpointing.abstract_like(setup.abstract_state, setup.state_shardings)
-    return config, ckpts.restore(target, step)["params"], step
-  checkpoint = load_converted(path)
-  return _converted_config(checkpoint.metadata), checkpoint.params, None
+def _workdir_step(path: str, task) -> tuple[checkpointing.TrainCheckpoints, int]:
+  """The workdir's checkpoints and the step to evaluate: --step, else the best, else the last."""
+  ckpts = checkpointing.TrainCheckpoints(path, task.best_metric, read_only=True)
+  step = _STEP.value if _STEP.value is not None else (ckpts.best_step() or ckpts.latest_step())
+  if step is None or step not in ckpts.all_steps():
+    raise CheckpointError(f"no checkpoint for step {step}", path)
+  return ckpts, step
+
+
+def evaluate_checkpoint(path: str) -> tuple[dict, ml_collections.ConfigDict, int | None]:
+  """(metrics, config, step) of a training workdir's checkpoint (step None: a converted one),
+  with the command-line overrides applied to its config."""
+  is_workdir = os.path.isfile(os.path.join(path, workdir.CONFIG_FILE))
+  checkpoint = None
+  if is_workdir:
+    config = workdir.load_run_config(path)
+  else:
+    checkpoint = load_converted(path)
+    config = _converted_config(checkpoint.metadata)
+  for field, flag in _OVERRIDES.items():
+    if flag.value is not None:
+      config[field] = flag.value
+  task = validation.check_eval_config(config)
+  setup = loop.create_setup(config, task)
+  if setup.num_classes != setup.info.num_classes:
+    raise ConfigError(f"the checkpoint has {setup.num_classes} classes but {config.dataset} has "
+                      f"{setup.info.num_classes}")
+  shardings = steps.model_variables(setup.state_shardings)
+  if is_workdir:  # the parameters and collections only, not the optimizer state
+    ckpts, step = _workdir_step(path, task)
+    abstract = checkpointing.abstract_like(steps.model_variables(setup.abstract_state), shardings)
+    variables = ckpts.restore_part(abstract, step)
+    ckpts.close()
+  else:
+    step = None
+    variables = sharding.to_global({"params": checkpoint.params}, {"params": shardings["params"]})
+  eval_step = steps.make_eval_step(task, setup.model, setup.mesh, shardings)
+  return loop.evaluation_pass(setup, eval_step, variables, config).result(), config, step
 
 
 def main(argv) -> None:
@@ -82,33 +106,11 @@ def main(argv) -> None:
   try:
     if not os.path.isdir(path):
       raise CheckpointError("no such checkpoint directory", path)
-    config, params, step = _load(path)
-    for field, flag in _OVERRIDES.items():
-      if flag.value is not None:
-        config[field] = flag.value
-    result = evaluate_params(config, params)
+    result, config, step = evaluate_checkpoint(path)
   except cli.USER_ERRORS as error:
     cli.fail(str(error))
   if jax.process_index() == 0:
     print(json.dumps({"checkpoint": path, "step": step, "dataset": config.dataset, **result}))
-
-
-def evaluate_params(config, params) -> dict:
-  """Top-1 / top-5 / loss of `params` (any host or device arrays) on config's eval split."""
-  info = data.dataset_info(config)
-  num_classes = config.num_classes or info.num_classes
-  if num_classes != info.num_classes:
-    raise ConfigError(f"the checkpoint has {num_classes} classes but {config.dataset} has "
-                           f"{info.num_classes}")
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-  sharding.check_batch_size(config.eval_batch_size or config.batch_size, "eval_batch_size")
-  model = loop.create_model_from_config(config, num_classes)
-  params_shardings = sharding.state_shardings(params, mesh)
-  params = jax.tree.map(
-      lambda x, s: x if isinstance(x, jax.Array) else loop.global_array(np.asarray(x), s),
-      params, params_shardings)
-  eval_step = steps.make_eval_step(model, mesh, params_shardings)
-  return loop.evaluate(eval_step, params, config, mesh)
 
 
 def run() -> None:

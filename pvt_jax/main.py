@@ -14,6 +14,8 @@ from pvt_jax import allocator
 if __name__ == "__main__":
   allocator.reexec_with_tcmalloc()
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -29,14 +31,21 @@ flags.adopt_module_key_flags(cli)  # --help lists the multi-process flags too
 def main(argv) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = cli.config_value(_CONFIG)
   cli.quiet_logging()
   cli.initialize_distributed()
   try:
-    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = loop.train_and_evaluate(config, _WORKDIR.value)
   except cli.USER_ERRORS as error:
     cli.fail(str(error))
+  except KeyboardInterrupt:
+    cli.fail("interrupted; stopped without saving (rerun the command to resume from the latest "
+             "checkpoint)", status=130)
   if result["preempted"]:
-    print(f"stopped on SIGTERM at step {result['step']}; checkpoint saved", flush=True)
+    print(f"stopped on {result['preempted']} at step {result['step']}; checkpoint saved "
+          f"(rerun the same command to resume)", flush=True)
+    if result["preempted"] == "SIGINT":
+      sys.exit(130)
 
 
 def run() -> None:

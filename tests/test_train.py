@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import b0
-from pvt_jax import data
+from pvt_jax import data, tasks
 from pvt_jax.checkpoints import load_converted, save_converted
 from pvt_jax.models import create_model
 from pvt_jax.train import checkpointing, loop, optimizer, sharding, steps
@@ -167,14 +167,14 @@ def test_fsdp_shards_the_largest_divisible_dimension():
 def test_evaluation_compiles_with_the_backends_inference_options():
   model = create_model("b0", num_classes=10)
   mesh = sharding.create_mesh()
-  params = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-  params_shardings = sharding.state_shardings(params["params"], mesh)
+  variables = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   n = len(jax.devices())
   batch = {"image": jax.ShapeDtypeStruct((n, 32, 32, 3), np.float32),
            "label": jax.ShapeDtypeStruct((n,), np.int32),
            "mask": jax.ShapeDtypeStruct((n,), np.bool_)}
-  hlo = steps.make_eval_step(model, mesh, params_shardings).lower(
-      params["params"], batch).compile().as_text()
+  eval_step = steps.make_eval_step(tasks.get_task("classification"), model, mesh,
+                                   sharding.state_shardings(variables, mesh))
+  hlo = eval_step.lower(variables, batch).compile().as_text()
   assert "__ynn_fusion" not in hlo  # the CPU options: see pvt_jax/models/compile_options.py
 
 
@@ -186,8 +186,8 @@ def test_gradient_accumulation_equals_the_big_batch_update(tiny_fashion_mnist, c
   results = []
   for accum in (1, 2):
     state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
-    step = steps.make_train_step(setup.model, setup.tx, setup.schedule, setup.mesh,
-                                 setup.state_shardings, grad_accum_steps=accum)
+    step = steps.make_train_step(setup.task, config, setup.model, setup.tx, setup.schedule,
+                                 setup.mesh, setup.state_shardings, grad_accum_steps=accum)
     state, metrics = step(state, batch)
     results.append((jax.device_get(state["params"]), jax.device_get(state["opt_state"]),
                     float(metrics["loss"]), float(metrics["grad_norm"])))
@@ -278,8 +278,9 @@ def test_finetuning_starts_from_the_converted_checkpoint(tiny_fashion_mnist, com
   config.reinit_head = True
   setup = loop.create_setup(config)
   fresh = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
-  params = jax.device_get(loop.load_init_params(config, fresh["params"],
-                                                setup.state_shardings["params"]))
+  variables, _ = setup.task.load_init(config, {"params": fresh["params"]},
+                                      {"params": setup.state_shardings["params"]})
+  params = jax.device_get(variables["params"])
   body = {k: v for k, v in load_converted(converted).params.items() if k != "head"}
   jax.tree.map(np.testing.assert_array_equal, {k: params[k] for k in body}, body)
   assert params["head"]["kernel"].shape == (256, 10)
@@ -297,7 +298,8 @@ def test_finetuning_starts_from_the_converted_checkpoint(tiny_fashion_mnist, com
 
   config.variant = "b1"
   with pytest.raises(loop.ConfigError, match="holds a b0 checkpoint"):
-    loop.load_init_params(config, fresh["params"], setup.state_shardings["params"])
+    setup.task.load_init(config, {"params": fresh["params"]},
+                         {"params": setup.state_shardings["params"]})
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):

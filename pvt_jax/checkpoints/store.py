@@ -82,18 +82,23 @@ def num_head_classes(params) -> int:
   return int(params["head"]["bias"].shape[0]) if "head" in params else 0
 
 
-def replace_head(params, num_classes: int, rng=None) -> dict:
-  """Params for a `num_classes` model: the head is kept when its size fits, dropped for 0, and
-  freshly initialised (the official init: truncated normal std .02, zero bias) otherwise."""
-  if num_head_classes(params) == num_classes:
+def replace_head(params, num_classes: int, rng=None, *, keep: bool = True,
+                 new_head=None) -> dict:
+  """Params for a `num_classes` model. The stored head is kept when `keep` is set and its size
+  fits; with 0 classes there is none; otherwise the head is `new_head` (e.g. a model's own
+  initialisation) or, without it, freshly initialised from `rng` (default key 0) as the official
+  code does (truncated normal std .02, zero bias)."""
+  if keep and num_head_classes(params) == num_classes:
     return params
   body = {name: value for name, value in params.items() if name != "head"}
   if num_classes == 0:
     return body
-  width = body["stage4"]["norm"]["scale"].shape[0]
-  rng = jax.random.key(0) if rng is None else rng
-  head = nn.Dense(num_classes, kernel_init=linear_init).init(rng, jnp.zeros((1, width)))
-  return {**body, "head": jax.tree.map(np.asarray, head["params"])}
+  if new_head is None:
+    width = body["stage4"]["norm"]["scale"].shape[0]
+    rng = jax.random.key(0) if rng is None else rng
+    head = nn.Dense(num_classes, kernel_init=linear_init).init(rng, jnp.zeros((1, width)))
+    new_head = jax.tree.map(np.asarray, head["params"])
+  return {**body, "head": new_head}
 
 
 def load_pretrained(path, *, num_classes: int | None = None, rng=None, **model_kwargs):

@@ -53,12 +53,18 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per step; the update equals the big-batch one
   c.optimizer = ml_collections.ConfigDict({
       "base_lr": 5e-4, "lr_batch_base": 512,  # lr = base_lr * batch_size / lr_batch_base
+      # Learning-rate schedule, one of pvt_jax/train/optimizer.py's: "warmup_cosine" (reads
+      # warmup_lr, warmup_epochs, min_lr), "poly" (poly_power, min_lr), "step" (warmup_steps,
+      # warmup_ratio, decay_epochs, decay_rate); a task's config adds its schedule's fields.
+      "schedule": "warmup_cosine",
       "warmup_lr": 1e-6, "min_lr": 1e-5, "warmup_epochs": 5.0,
       "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05,
+      "decay_all_params": False,  # False: biases and norm parameters have no weight decay
       "grad_clip_norm": official.grad_clip_norm,  # 0: no clipping
   })
 
-  # Initialisation from a converted checkpoint directory (pvt_jax.convert).
+  # Initialisation from a converted checkpoint directory (pvt_jax.convert); "": from scratch.
+  # Used when a run starts, ignored when it resumes.
   c.init_from = ""
 
   # Parallelism: a ('data', 'fsdp') mesh over all devices; data=-1 takes what fsdp leaves.
@@ -69,5 +75,10 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0: once per epoch (and always at the end)
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3  # latest K, plus the best by the task's eval metric
-  c.progress_bar = True
+  c.progress_bar = True  # a live bar on a terminal; a line per log step when not on one
+  # A finished run started again reports its last evaluation; True evaluates it again.
+  c.reevaluate = False
+  # (first step, number of steps) traced by jax.profiler into <workdir>/tensorboard (its
+  # Profile tab); (0, 0): no trace. Steps count from 0, the first step of a run.
+  c.profile_steps = (0, 0)
   return c

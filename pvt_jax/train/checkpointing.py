@@ -1,36 +1,82 @@
-"""Training checkpoints: orbax CheckpointManager with async saves, last-K plus best-top-1 kept."""
+"""Training checkpoints: orbax CheckpointManager with async saves, last-K plus the best kept.
 
+Failures of a save (a full disk, a workdir that became read-only) are raised as one-line
+CheckpointErrors naming the step whose save failed, as soon as the background write reports
+them (`poll`, called every step), not at the next save.
+"""
+
+import contextlib
+import logging as std_logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from pvt_jax.checkpoints.errors import CheckpointError
+
 CHECKPOINT_SUBDIR = "checkpoints"
 
+# orbax log lines that are expected here, not news: checkpoints between evaluations carry no
+# metrics by design, and evaluation opens the manager read-only on purpose.
+_EXPECTED = ("Requested `tracked_metric`; did not provide metrics.", "Given directory is read only")
 
-def _top1(metrics) -> float:
-  return metrics["top1"]
+
+class _Expected(std_logging.Filter):
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_EXPECTED)
+
+
+def _orbax_errors_as_lines(record: std_logging.LogRecord) -> bool:
+  """Our errors report failed saves in one line; orbax's own report of them drops its traceback."""
+  if "orbax" in record.pathname and record.levelno >= std_logging.ERROR:
+    record.exc_info = None
+    record.exc_text = None
+  return True
+
+
+std_logging.getLogger("absl").addFilter(_Expected())
+std_logging.getLogger("absl").addFilter(_orbax_errors_as_lines)
+
+
+def _reason(error: BaseException) -> str:
+  """The OS's words for a failed write (e.g. "No space left on device"), else the first line."""
+  while error is not None:
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror
+    text = str(error)
+    for words in ("No space left on device", "File too large", "Read-only file system",
+                  "Permission denied", "Disk quota exceeded"):
+      if words in text:
+        return words
+    error = error.__cause__ or error.__context__
+  return "write failed"
 
 
 class TrainCheckpoints:
   """The checkpoints of one workdir (`<workdir>/checkpoints/<step>`).
 
-  Saves are asynchronous; checkpoints saved with eval metrics compete for "best by top-1", which
-  is kept on top of the latest `keep` ones.
+  Saves are asynchronous; checkpoints saved with eval metrics compete for "best" by
+  `best_metric` (higher is better), which is kept on top of the latest `keep` ones.
   """
 
-  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir: str, best_metric: str = "top1", keep: int = 3,
+               read_only: bool = False):
+    def metric(metrics) -> float:
+      return metrics[best_metric]
+
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=_top1, n=1, keep_checkpoints_without_metrics=False),
+        policies.BestN(get_metric_fn=metric, n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=_top1, best_mode="max", create=not read_only,
+        preservation_policy=policy, best_fn=metric, best_mode="max", create=not read_only,
         read_only=read_only, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=not read_only)
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving = None  # step of the save in flight
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -41,21 +87,58 @@ class TrainCheckpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def metrics(self, step: int) -> dict | None:
+    """The eval metrics a checkpoint was saved with (None for one saved between evals)."""
+    return self._manager.metrics(step)
+
+  @contextlib.contextmanager
+  def _failures_named(self, step: int):
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as error:  # orbax and tensorstore raise many types for a failed write
+      self._saving = None
+      raise CheckpointError(f"saving the checkpoint of step {step} failed ({_reason(error)})",
+                            self.directory) from None
+
   def save(self, step: int, state, metrics: dict | None = None) -> None:
     """Starts an async save of `state` (an eval result in `metrics` ranks it for "best")."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    self.wait()  # a failure of the previous save is about that save, not this one
+    with self._failures_named(step):
+      self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    self._saving = step
+
+  def poll(self) -> None:
+    """Raises the failure of the save in flight if its background write has reported one."""
+    if self._saving is not None:
+      with self._failures_named(self._saving):
+        self._manager.check_for_errors()
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores onto the shardings of `abstract_state`, whatever mesh the checkpoint came from."""
     step = self.latest_step() if step is None else step
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def restore_part(self, abstract_part: dict, step: int) -> dict:
+    """Restores only the top-level entries of `abstract_part` (e.g. 'params' and 'batch_stats',
+    without the optimizer state), onto its shardings."""
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                abstract_part)
+    return self._manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=abstract_part, restore_args=restore_args, partial_restore=True))
+
   def reached_preemption(self, step: int) -> bool:
     """Multi-process preemption notice, agreed on by every process at the same step."""
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is written; raises its failure."""
+    if self._saving is not None:
+      with self._failures_named(self._saving):
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+      self._saving = None
 
   def close(self) -> None:
     self._manager.close()

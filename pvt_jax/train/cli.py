@@ -1,5 +1,7 @@
 """What the training CLIs share: one-line errors, flag parsing and multi-process start-up."""
 
+import difflib
+import glob
 import os
 import re
 import sys
@@ -25,9 +27,23 @@ flags.DEFINE_bool("distributed", False,
                   "environment (launch/tpu_pod.sh passes it)")
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 1) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+  sys.exit(status)
+
+
+def _unknown_field(path: str, message: str = "") -> str:
+  """"unknown config field 'batch_sise'; did you mean 'batch_size'?" (the suggestion from the
+  config library's message, else the closest field name)."""
+  suggested = re.search(r'Did you mean "([^"]+)"', message)
+  if suggested:
+    leaf = path.rsplit(".", 1)[-1]
+    suggestion = path[:len(path) - len(leaf)] + suggested.group(1)
+  else:
+    fields = [name[len("config."):] for name in flags.FLAGS if name.startswith("config.")]
+    suggestion = next(iter(difflib.get_close_matches(path, fields, n=1)), None)
+  hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+  return f"unknown config field {path!r}{hint}"
 
 
 def _flag_error_line(error: Exception) -> str:
@@ -37,11 +53,23 @@ def _flag_error_line(error: Exception) -> str:
     return type(error).__name__
   unknown = re.match(r"Unknown command line flag 'config\.(.+)'", lines[0])
   if unknown:
-    return f"unknown config field {unknown.group(1)!r}"
+    return _unknown_field(unknown.group(1), str(error))
+  missing = re.match(r"flag --config=([^:]+)(:\S*)?: Failed loading config file", lines[0])
+  if missing and "No such file" in lines[-1]:
+    return missing_config_file(missing.group(1))
   if len(lines) > 1 and lines[-1] != lines[0]:  # "...: Error whilst parsing config file:" + tb
     cause = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
     return f"{lines[0].split(': ')[0]}: {cause}"
   return lines[0]
+
+
+def missing_config_file(path: str) -> str:
+  """One line for a --config file that does not exist, listing the ones beside it."""
+  directory = os.path.dirname(path) or "."
+  found = sorted(glob.glob(os.path.join(directory, "*.py")))
+  found = [f for f in found if not os.path.basename(f).startswith("_")]
+  listing = f"; config files in {directory}/: {', '.join(found)}" if found else ""
+  return f"no config file {path}{listing}"
 
 
 def parse_flags(argv):
@@ -51,9 +79,23 @@ def parse_flags(argv):
   except flags.Error as error:
     fail(_flag_error_line(error))
   except (AttributeError, KeyError) as error:  # config_flags on `--config.nosuch=...`
-    name = str(error).strip("'\"")
+    message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    name = message.splitlines()[0].strip("'\"")
     paths = [arg.split("=")[0][len("--config."):] for arg in argv if arg.startswith("--config.")]
-    fail(f"unknown config field {next((p for p in paths if p.endswith(name)), name)!r}")
+    fail(_unknown_field(next((p for p in paths if p.endswith(name)), name), message))
+
+
+def config_value(config_flag):
+  """The --config flag's value: config files are loaded on first use, so a missing one is
+  reported here, in one line."""
+  try:
+    return config_flag.value
+  except OSError:
+    argv = sys.argv
+    given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if given is None and "--config" in argv[:-1]:
+      given = argv[argv.index("--config") + 1]
+    fail(missing_config_file((given or "").split(":")[0]))
 
 
 def quiet_logging() -> None:

@@ -1,8 +1,8 @@
-"""The training loop: init or resume, train with periodic eval and checkpoints, stop cleanly."""
+"""The training loop of every task: check, init or resume, train with periodic eval and
+checkpoints, stop cleanly. What differs between tasks comes from pvt_jax/tasks (base.py)."""
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -13,24 +13,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
-from absl import logging
 
-from pvt_jax import data
-from pvt_jax.checkpoints import load_converted
+from pvt_jax import tasks
 from pvt_jax.models import create_model
-from pvt_jax.train import checkpointing, metrics, optimizer, sharding, steps
+from pvt_jax.train import checkpointing, metrics, optimizer, sharding, steps, validation, workdir
 from pvt_jax.train.errors import ConfigError, NonFiniteLossError
+from pvt_jax.train.progress import Progress, report
+from pvt_jax.train.validation import DTYPES
 
-CONFIG_FILE = "config.json"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["DTYPES", "ConfigError", "Setup", "create_model_from_config", "create_setup",
+           "evaluation_pass", "model_kwargs", "report", "train_and_evaluate"]
+
+
+def model_kwargs(config) -> dict:
+  """The PVT v2 settings every task's model takes from the config (`create_model` keywords)."""
+  return {"drop_path_rate": config.drop_path_rate, "drop_rate": config.drop_rate,
+          "attn_drop_rate": config.attn_drop_rate, "dtype": DTYPES[config.dtype]}
+
+
+def create_model_from_config(config, num_classes: int):
+  """The PVT v2 classifier of config.variant."""
+  return create_model(config.variant, num_classes=num_classes, **model_kwargs(config))
 
 
 @dataclasses.dataclass
 class Setup:
   """Everything derived from a config before any array is created."""
+  task: tasks.Task
+  info: tasks.DatasetInfo
   num_classes: int
-  steps_per_epoch: int
   total_steps: int
   mesh: jax.sharding.Mesh
   model: object
@@ -40,239 +51,374 @@ class Setup:
   abstract_state: dict
   state_shardings: dict
 
-
-def _init_state(model, tx, image_size: int, seed: int) -> dict:
-  init_rng, train_rng = jax.random.split(jax.random.key(seed))
-  params = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-          "rng": jax.random.key_data(train_rng)}
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.info.steps_per_epoch
 
 
-def create_model_from_config(config, num_classes: int):
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
-  return create_model(config.variant, num_classes=num_classes,
-                      drop_path_rate=config.drop_path_rate, drop_rate=config.drop_rate,
-                      attn_drop_rate=config.attn_drop_rate, dtype=DTYPES[config.dtype])
+def _init_state(task, model, tx, config) -> dict:
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  variables = task.init_variables(model, config, init_rng)
+  params = variables["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": tx.init(params), "rng": jax.random.key_data(train_rng),
+          **{name: value for name, value in variables.items() if name != "params"}}
 
 
-def create_setup(config) -> Setup:
-  """Validates `config` against the dataset and devices and builds model, optimizer and mesh."""
-  info = data.dataset_info(config)
+def create_setup(config, task: tasks.Task | None = None) -> Setup:
+  """Opens the dataset (`task.dataset_info`) and builds model, optimizer and mesh."""
+  task = task or validation.check_eval_config(config)
+  info = task.dataset_info(config)
   num_classes = config.num_classes or info.num_classes
-  steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(round(config.num_epochs * steps_per_epoch)))
+                 else int(round(config.num_epochs * info.steps_per_epoch)))
   if total_steps <= 0:
-    raise ConfigError("nothing to train: set num_epochs or num_train_steps > 0")
+    raise ConfigError(f"nothing to train: num_epochs={config.num_epochs} of "
+                      f"{info.steps_per_epoch} steps rounds to 0 steps")
   mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-  sharding.check_batch_size(config.batch_size)
-  sharding.check_batch_size(config.eval_batch_size or config.batch_size, "eval_batch_size")
-  accum = config.grad_accum_steps
-  if accum < 1 or config.batch_size % (accum * jax.device_count()):
-    raise ConfigError(f"batch_size={config.batch_size} does not split into grad_accum_steps="
-                      f"{accum} micro-batches over {jax.device_count()} devices")
-  model = create_model_from_config(config, num_classes)
-  schedule = optimizer.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  model = task.create_model(config, num_classes)
+  schedule = optimizer.learning_rate_schedule(config, info.steps_per_epoch, total_steps)
   tx = optimizer.create_optimizer(config, schedule)
-  init_fn = functools.partial(_init_state, model, tx, config.image_size, config.seed)
+  init_fn = functools.partial(_init_state, task, model, tx, config)
   abstract_state = jax.eval_shape(init_fn)
-  return Setup(num_classes, steps_per_epoch, total_steps, mesh, model, schedule, tx, init_fn,
+  return Setup(task, info, num_classes, total_steps, mesh, model, schedule, tx, init_fn,
                abstract_state, sharding.state_shardings(abstract_state, mesh))
 
 
-def global_array(x: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
-  """A host array identical on every process -> a global array with the `target` sharding."""
-  return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
-
-
-def load_init_params(config, params, params_shardings):
-  """`params` with everything but (usually) the head taken from the converted `init_from`."""
-  checkpoint = load_converted(config.init_from)
-  variant = checkpoint.metadata["variant"]
-  if variant != config.variant:
-    raise ConfigError(f"init_from {config.init_from} holds a {variant} checkpoint but "
-                      f"config.variant is {config.variant}")
-  loaded = dict(checkpoint.params)
-  stored_head = loaded.pop("head", None)
-  keep_head = (not config.reinit_head and stored_head is not None and
-               jax.tree.map(np.shape, stored_head) == jax.tree.map(np.shape, params["head"]))
-  body = {name: value for name, value in params.items() if name != "head"}
-  if jax.tree.map(np.shape, loaded) != jax.tree.map(np.shape, body):
-    raise ConfigError(f"init_from {config.init_from} does not match the {config.variant} "
-                      f"parameter tree")
-  new = {name: jax.tree.map(global_array, value, params_shardings[name])
-         for name, value in loaded.items()}
-  new["head"] = (jax.tree.map(global_array, stored_head, params_shardings["head"]) if keep_head
-                 else params["head"])
-  report(f"initialised from {config.init_from} ({'its' if keep_head else 'a new'} head)")
-  return new
-
-
-def evaluate(eval_step, params, config, mesh) -> dict:
-  """Exact top-1 / top-5 / loss over the whole eval split (padding masked out)."""
-  sums = [eval_step(params, sharding.global_batch(batch, mesh))
-          for batch in data.eval_iterator(config)]
-  totals = {k: sum(np.asarray(s[k]).item() for s in jax.device_get(sums)) for k in sums[0]}
-  count = totals["count"]
-  return {"top1": totals["correct_top1"] / count, "top5": totals["correct_top5"] / count,
-          "loss": totals["loss_sum"] / count, "count": count}
+def evaluation_pass(setup: Setup, eval_step, variables, config) -> tasks.EvalAccumulator:
+  """One pass over the whole eval split; the accumulator holds it (`.result()`)."""
+  accumulator = setup.task.eval_accumulator(config, setup.info)
+  pending = None  # one batch in flight: the host prepares the next while the devices compute
+  for batch in setup.task.eval_iterator(config):
+    outputs = eval_step(variables, sharding.global_batch(batch, setup.mesh))
+    if pending is not None:
+      accumulator.update(jax.device_get(pending[0]), pending[1])
+    pending = (outputs, batch)
+  if pending is not None:
+    accumulator.update(jax.device_get(pending[0]), pending[1])
+  return accumulator
 
 
 class _StopRequest:
-  """SIGTERM (preemption): finish the current step, save a checkpoint, return normally.
+  """SIGTERM (preemption) or a first Ctrl-C: finish the current step, save a checkpoint, return
+  normally. A second Ctrl-C raises KeyboardInterrupt (stop without saving).
 
-  Single process: our own handler. Multi-process: JAX's preemption sync manager (installed by
-  jax.distributed.initialize), so that every process stops at the same step.
+  Single process: our own handlers. Multi-process: JAX's preemption sync manager (installed by
+  jax.distributed.initialize), so that every process stops at the same step; Ctrl-C is passed to
+  it as a SIGTERM.
   """
 
   def __init__(self, ckpts: checkpointing.TrainCheckpoints):
     self._ckpts = ckpts
-    self._requested = False
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.signal = None
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return
+    if jax.process_count() == 1:
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+    self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self._requested = True
+    del frame
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one aborts
+      report("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, "
+             "unsaved)")
+      if jax.process_count() > 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+        name = "SIGTERM"
+    self.signal = self.signal or name
 
-  def __call__(self, step: int) -> bool:
+  def __call__(self, step: int) -> str | None:
+    """The name of the signal that asks to stop at `step`, or None."""
     if jax.process_count() > 1:
-      return self._ckpts.reached_preemption(step)
-    return self._requested
+      return "SIGTERM" if self._ckpts.reached_preemption(step) else None
+    return self.signal
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
-def report(message: str) -> None:
-  """A progress message on the console of the main process (beside the progress bar)."""
-  logging.info(message)
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(message)
+def _fraction(x: float) -> str:
+  return f"{x:.1%}" if x < 0.1 else f"{x:.0%}"
 
 
-def _save_config(config, num_classes: int, workdir: str) -> None:
-  resolved = config.copy_and_resolve_references()
-  resolved.num_classes = num_classes
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(resolved.to_json_best_effort(indent=2))
+def _classes(info: tasks.DatasetInfo, limit: int = 12) -> str:
+  """"T-shirt/top, Trouser, ..." (with train/eval counts for folders), at most `limit` names."""
+  names = list(info.class_names) or [str(k) for k in range(info.num_classes)]
+  if info.train_class_counts:
+    eval_counts = info.eval_class_counts or ("?",) * len(names)
+    names = [f"{n} {a}/{b}" for n, a, b in zip(names, info.train_class_counts, eval_counts,
+                                               strict=True)]
+  shown = ", ".join(names[:limit])
+  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def load_workdir_config(workdir: str) -> dict:
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return json.load(f)
+def _report_start(config, setup: Setup, workdir_path: str, start: int) -> None:
+  """The block a user looks for at start: task, data, devices and mesh, steps, where to."""
+  info, mesh = setup.info, setup.mesh
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
+  per_device = config.batch_size // jax.device_count()
+  accum = f", {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""
+  epochs = setup.total_steps / info.steps_per_epoch
+  counts = " with train/eval images per class" if info.train_class_counts else ""
+  lines = [
+      f"task      {setup.task.name}: PVT v2-{config.variant}, {params / 1e6:.2f} M parameters, "
+      f"{setup.num_classes} classes",
+      f"dataset   {info.name}: {info.train_split} {info.num_train_examples} / {info.eval_split} "
+      f"{info.num_eval_examples} examples",
+      f"classes   {_classes(info)}{counts}",
+      f"devices   {jax.device_count()} x {jax.devices()[0].platform} in "
+      f"{jax.process_count()} process(es); mesh data {mesh.shape['data']} x fsdp "
+      f"{mesh.shape['fsdp']}",
+      f"training  {setup.total_steps} steps of {config.batch_size} ({per_device} per device"
+      f"{accum}): {epochs:.3g} epochs of {info.steps_per_epoch} steps; "
+      f"{config.optimizer.schedule} schedule, peak lr {optimizer.scaled_learning_rate(config):g}",
+      f"workdir   {workdir_path}: " + (f"resuming from step {start}" if start else
+                                       "no checkpoint, starting from scratch"),
+  ]
+  report("\n".join(lines))
+  if config.batch_size > info.num_train_examples:
+    report(f"warning: batch_size={config.batch_size} is larger than the training split "
+           f"({info.num_train_examples} examples): every step repeats examples")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+def _report_end(ckpts: checkpointing.TrainCheckpoints, task: tasks.Task, workdir_path: str,
+                step: int) -> None:
+  best = ckpts.best_step()
+  best_text = ""
+  if best is not None:
+    value = ckpts.metrics(best)[task.best_metric]
+    best_text = f"; best: step {best} ({task.best_metric} {value:.4f})"
+  saved = ", ".join(str(s) for s in sorted(ckpts.all_steps())) or "none"
+  report(f"step {step}: outputs in {workdir_path}: checkpoints/ (steps {saved}{best_text}), "
+         f"{metrics.METRICS_FILE}, {metrics.PLOT_FILE}, {metrics.TENSORBOARD_SUBDIR}/")
 
-  Returns {'step', 'eval' (last eval metrics or None), 'preempted'}.
+
+class _Profiler:
+  """A jax.profiler trace of config.profile_steps = (first, count): the steps from state step
+  `first` to `first + count`, written into the workdir's TensorBoard directory."""
+
+  def __init__(self, config, workdir_path: str):
+    self.first, count = config.profile_steps
+    self.last = self.first + count if count else None
+    self.directory = os.path.join(workdir_path, metrics.TENSORBOARD_SUBDIR)
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.last is not None and step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.last:
+      self.stop(state)
+      report(f"profile of steps {self.first + 1}-{self.last} written to {self.directory} "
+             f"(TensorBoard's Profile tab)")
+
+  def stop(self, state=None) -> None:
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def _check_finite(state, ckpts: checkpointing.TrainCheckpoints, step: int) -> None:
+  """A restored state must be finite: checkpoints written before the finiteness guard may not
+  be."""
+  if not bool(jax.jit(steps.all_finite)(state)):
+    earlier = [s for s in ckpts.all_steps() if s < step]
+    hint = (f"delete {os.path.join(ckpts.directory, str(step))} to resume from step "
+            f"{max(earlier)}" if earlier else "start a new workdir")
+    raise NonFiniteLossError(f"the checkpoint of step {step} holds non-finite values; {hint}")
+
+
+def _last_eval(ckpts: checkpointing.TrainCheckpoints, step: int) -> dict | None:
+  return ckpts.metrics(step) if step in ckpts.all_steps() else None
+
+
+def train_and_evaluate(config, workdir_path: str) -> dict:
+  """Trains `config` in `workdir_path`, resuming from its latest checkpoint if there is one.
+
+  Order: the config (validation.check_config) and the workdir (workdir.check) are checked before
+  the dataset is opened; config.json and dataset.json are written only after that.
+  Returns {'step', 'eval' (last eval metrics or None), 'preempted' (the signal's name or None)}.
   """
-  setup = create_setup(config)
+  task = validation.check_config(config)
+  notes = workdir.check(workdir_path, config)
+  setup = create_setup(config, task)
+  workdir.check_num_classes(workdir_path, setup.num_classes)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   if is_main:
-    _save_config(config, setup.num_classes, workdir)
-  ckpts = checkpointing.TrainCheckpoints(workdir, keep=config.keep_checkpoints)
-  start = ckpts.latest_step()
-  if start is not None:
-    report(f"resuming from step {start}")
-    state = ckpts.restore(checkpointing.abstract_like(setup.abstract_state, setup.state_shardings))
-  else:
-    start = 0
-    state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
-    if config.init_from:
-      state["params"] = load_init_params(config, state["params"],
-                                         setup.state_shardings["params"])
-  train_step = steps.make_train_step(setup.model, setup.tx, setup.schedule, setup.mesh,
-                                     setup.state_shardings, config.grad_accum_steps)
-  eval_step = steps.make_eval_step(setup.model, setup.mesh, setup.state_shardings["params"])
-  writer = metrics.MetricsWriter(workdir, enabled=is_main)
-  stop_requested = _StopRequest(ckpts)
+    workdir.write_records(workdir_path, config, setup.num_classes, setup.info.record())
+  ckpts = checkpointing.TrainCheckpoints(workdir_path, task.best_metric,
+                                         keep=config.keep_checkpoints)
   try:
-    result = _run(config, setup, state, start, train_step, eval_step, ckpts, writer,
-                  stop_requested)
-  finally:
-    stop_requested.close()
+    start = ckpts.latest_step() or 0
+    for note in notes if start else ():
+      report(f"note: {note}")
+    if start >= setup.total_steps and not config.reevaluate:
+      last = _last_eval(ckpts, start)
+      report(f"{workdir_path}: training finished at step {start} (num_train_steps "
+             f"{setup.total_steps}); nothing to do (--config.reevaluate=True evaluates again)")
+      if last:
+        report(f"step {start}: eval {task.describe_eval(last)}")
+      return {"step": start, "eval": last, "preempted": None}
+    _report_start(config, setup, workdir_path, start)
+    if start:
+      state = ckpts.restore(checkpointing.abstract_like(setup.abstract_state,
+                                                        setup.state_shardings))
+      _check_finite(state, ckpts, start)
+    else:
+      state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+      if config.init_from:
+        variables, what = task.load_init(config, steps.model_variables(state),
+                                         steps.model_variables(setup.state_shardings))
+        state = {**state, **variables}
+        report(f"initialised from {config.init_from} ({what})")
+    eval_step = steps.make_eval_step(task, setup.model, setup.mesh,
+                                     steps.model_variables(setup.state_shardings))
+    if start >= setup.total_steps:  # reevaluate a finished run
+      result = _evaluate_and_report(eval_step, state, config, setup, workdir_path)
+      return {"step": start, "eval": result, "preempted": None}
+    train_step = steps.make_train_step(task, config, setup.model, setup.tx, setup.schedule,
+                                       setup.mesh, setup.state_shardings,
+                                       config.grad_accum_steps)
+    writer = metrics.MetricsWriter(workdir_path, start, enabled=is_main)
+    if writer.dropped:
+      report(f"dropped {writer.dropped} records after step {start} from "
+             f"{metrics.METRICS_FILE} (logged before the run stopped; logged again now)")
+    stop_requested = _StopRequest(ckpts)
+    profiler = _Profiler(config, workdir_path)
+    try:
+      result = _run(config, setup, state, start, train_step, eval_step, ckpts, writer,
+                    stop_requested, profiler, workdir_path)
+    finally:
+      profiler.stop()
+      stop_requested.close()
+      writer.close()
     ckpts.wait()
+    if is_main:
+      metrics.plot_metrics(writer.jsonl_path, os.path.join(workdir_path, metrics.PLOT_FILE),
+                           task.plot_metrics)
+    _report_end(ckpts, task, workdir_path, result["step"])
+    return result
+  finally:
     ckpts.close()
-    writer.close()
-  if is_main:
-    metrics.plot_metrics(writer.jsonl_path, os.path.join(workdir, metrics.PLOT_FILE))
+
+
+def _evaluate_and_report(eval_step, state, config, setup, workdir_path) -> dict:
+  accumulator = evaluation_pass(setup, eval_step, steps.model_variables(state), config)
+  result = accumulator.result()
+  step = int(state["step"])
+  report(f"step {step}: eval {setup.task.describe_eval(result)}")
+  if jax.process_index() == 0:
+    accumulator.write_files(workdir_path, step)
   return result
 
 
-def _evaluate_and_report(eval_step, state, config, setup) -> dict:
-  result = evaluate(eval_step, state["params"], config, setup.mesh)
-  report(f"step {int(state['step'])}: eval top-1 {result['top1']:.4f}, "
-         f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} over {result['count']} examples")
-  return result
+class _Window:
+  """The steps since the last log record: their losses and metrics, time and input wait."""
+
+  def __init__(self):
+    self.values: dict[str, list[float]] = {}
+    self.steps = 0
+    self.start = time.perf_counter()
+    self.input_seconds = 0.0
+
+  def add(self, values: dict) -> None:
+    for name, value in values.items():
+      self.values.setdefault(name, []).append(value)
 
 
-def _run(config, setup, state, start, train_step, eval_step, ckpts, writer, stop_requested):
+def _run(config, setup, state, start, train_step, eval_step, ckpts, writer, stop_requested,
+         profiler, workdir_path):
   total = setup.total_steps
   eval_every = config.eval_every_steps or setup.steps_per_epoch
-  train_iter = data.train_iterator(config, start)
-  bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                  disable=not (config.progress_bar and jax.process_index() == 0))
-  window = {"losses": [], "start": time.perf_counter(), "steps": 0}
-  last_eval, last_eval_step, preempted = None, None, False
+  train_iter = setup.task.train_iterator(config, start)
+  progress = Progress(total, start, config.progress_bar)
+  window = _Window()
+  last_eval, preempted = None, None
+  last_only = ("lr", "grad_norm", "finite")  # logged for the last step, not averaged
 
   def check(step, step_metrics):
-    """Host values of one step's metrics; stops the run on a non-finite loss."""
+    """Host values of one step's metrics; stops the run on a non-finite loss or state, before
+    that state can be saved."""
     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+            and values["finite"]):
       ckpts.wait()
-      raise NonFiniteLossError(
-          f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}; "
-          f"stopped, last good checkpoint: step {ckpts.latest_step()}")
-    window["losses"].append(values["loss"])
+      last = ckpts.latest_step()
+      kept = f"step {last}" if last is not None else "none"
+      if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
+        what = (f"step {step} made the parameters or optimizer state non-finite (loss "
+                f"{values['loss']:.4g}, grad norm {values['grad_norm']:.4g}, lr "
+                f"{values['lr']:.4g})")
+      else:
+        what = f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}"
+      raise NonFiniteLossError(f"{what}; stopped, last good checkpoint: {kept}")
+    window.add({k: v for k, v in values.items() if k not in last_only})
     return values
 
-  # Each step's loss is read one step late, so the host never waits for the step it just queued.
+  # Each step's metrics are read one step late, so the host never waits for the step it just
+  # queued; a step's state is saved only after its metrics said it is finite.
   pending = None
   step = start
-  while step < total:
-    batch = sharding.global_batch(next(train_iter), setup.mesh)
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    window["steps"] += 1
-    bar.update()
-    if step == total:
-      bar.close()  # before the final eval, so the bar's time and rate are training only
-    if pending is not None:
-      check(*pending)
-    pending = (step, step_metrics)
-    preempted = stop_requested(step)
-    log_now = step % config.log_every_steps == 0 or step == total or preempted
-    eval_now = step % eval_every == 0 or step == total
-    save_now = step % config.checkpoint_every_steps == 0 or step == total or preempted
-    if not (log_now or eval_now or save_now):
-      continue
-    values = check(*pending)
-    pending = None
-    if log_now:
-      elapsed = time.perf_counter() - window["start"]
-      scalars = {"train/loss": float(np.mean(window["losses"])), "train/lr": values["lr"],
-                 "train/grad_norm": values["grad_norm"],
-                 "train/images_per_sec": window["steps"] * config.batch_size / elapsed}
-      writer.write(step, scalars)
-      bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
-                      img_s=f"{scalars['train/images_per_sec']:.0f}")
-      window = {"losses": [], "start": time.perf_counter(), "steps": 0}
-    if eval_now:
-      eval_start = time.perf_counter()
-      last_eval, last_eval_step = _evaluate_and_report(eval_step, state, config, setup), step
-      writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
-      window["start"] += time.perf_counter() - eval_start  # keep eval out of images/sec
-    if save_now:
-      ckpts.save(step, state, {"top1": last_eval["top1"]} if eval_now else None)
-    if preempted:
-      break
-  bar.close()
-  if step == total and last_eval_step != step:  # resumed from the final checkpoint
-    last_eval = _evaluate_and_report(eval_step, state, config, setup)
+  try:
+    while step < total:
+      profiler.before(step)
+      waited = time.perf_counter()
+      batch = sharding.global_batch(next(train_iter), setup.mesh)
+      window.input_seconds += time.perf_counter() - waited
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      window.steps += 1
+      progress.update()
+      if step == total:
+        progress.close()  # before the final eval, so the bar's time and rate are training only
+      if pending is not None:
+        check(*pending)
+      pending = (step, step_metrics)
+      ckpts.poll()
+      profiler.after(step, state)
+      preempted = stop_requested(step)
+      log_now = step % config.log_every_steps == 0 or step == total or preempted
+      eval_now = step % eval_every == 0 or step == total
+      save_now = step % config.checkpoint_every_steps == 0 or step == total or preempted
+      if not (log_now or eval_now or save_now):
+        continue
+      values = check(*pending)
+      pending = None
+      if log_now:
+        _log(writer, progress, window, step, values, config.batch_size)
+        window = _Window()
+      if eval_now:
+        eval_start = time.perf_counter()
+        last_eval = _evaluate_and_report(eval_step, state, config, setup, workdir_path)
+        writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+        window.start += time.perf_counter() - eval_start  # keep eval out of images/sec
+      if save_now:
+        ckpts.save(step, state, metrics.flatten(last_eval) if eval_now else None)
+      if preempted:
+        break
+  finally:
+    progress.close()
   return {"step": step, "eval": last_eval, "preempted": preempted}
+
+
+def _log(writer, progress, window: _Window, step: int, values: dict, batch_size: int) -> None:
+  """One train record: means over the window's steps (their number in train/window_steps, as a
+  preempted run's last window and a resumed run's first are shorter), the last lr and grad norm,
+  the rate, and the fraction of the time spent waiting for input."""
+  elapsed = time.perf_counter() - window.start
+  means = {f"train/{k}": float(np.mean(v)) for k, v in window.values.items()}
+  scalars = {**means, "train/lr": values["lr"], "train/grad_norm": values["grad_norm"],
+             "train/images_per_sec": window.steps * batch_size / elapsed,
+             "train/input_wait": window.input_seconds / elapsed,
+             "train/window_steps": window.steps}
+  writer.write(step, scalars)
+  progress.log(step, {"loss": f"{scalars['train/loss']:.4f}", "lr": f"{values['lr']:.2e}",
+                      "img/s": f"{scalars['train/images_per_sec']:.0f}",
+                      "input": _fraction(scalars["train/input_wait"])})

@@ -54,9 +54,11 @@ def state_shardings(abstract_tree, mesh):
 
 
 def check_batch_size(batch_size: int, what: str = "batch_size") -> None:
-  """The global batch must split evenly over devices and processes."""
+  """The global batch must be positive and split evenly over devices and processes."""
   n, procs = jax.device_count(), jax.process_count()
-  if batch_size <= 0 or batch_size % n or batch_size % procs:
+  if batch_size <= 0:
+    raise ConfigError(f"{what}={batch_size} must be positive")
+  if batch_size % n or batch_size % procs:
     raise ConfigError(f"global {what}={batch_size} is not divisible by the {n} devices")
 
 
@@ -70,3 +72,16 @@ def global_batch(local_batch: dict, mesh) -> dict:
     return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * procs,) + x.shape[1:])
 
   return jax.tree.map(put, local_batch)
+
+
+def global_array(x: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
+  """A host array identical on every process -> a global array with the `target` sharding."""
+  return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def to_global(tree, shardings):
+  """Host (numpy) leaves of `tree`, the same on every process, onto `shardings`; leaves that are
+  jax.Arrays already stay as they are."""
+  return jax.tree.map(
+      lambda x, s: x if isinstance(x, jax.Array) else global_array(np.asarray(x), s),
+      tree, shardings)
