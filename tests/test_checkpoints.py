@@ -126,6 +126,19 @@ def test_reader_rejects_non_tensor_entries(tmp_path):
     read_state_dict(tmp_path / "list.pth")
 
 
+@pytest.mark.parametrize("zipped", [True, False])
+def test_pytorch_files_named_safetensors_are_read_by_their_contents(tmp_path, zipped):
+  """torch.load hands any path ending in .safetensors to the safetensors reader (a
+  SafetensorError traceback for a real PyTorch file); the reader goes by the file's bytes."""
+  state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+  path = tmp_path / "misnamed.safetensors"
+  torch.save(state, path, _use_new_zipfile_serialization=zipped)
+  np.testing.assert_array_equal(read_state_dict(path)["w"], state["w"].numpy())
+  torch.save({"w": [1.0]}, path, _use_new_zipfile_serialization=zipped)
+  with pytest.raises(CheckpointError, match="'w' is a list, not a tensor"):
+    read_state_dict(path)
+
+
 def test_integer_tensors_are_rejected():
   state = zeros_like_table("b0", "official")
   state["norm4.bias"] = state["norm4.bias"].astype(np.int64)
@@ -181,6 +194,11 @@ def test_replace_head(b0_params):
   for path, value in flat_old.items():
     if path[0] != "head":
       assert flat_new[path] is value
+  # A given head (e.g. the model's own initialisation) instead of a fresh one; keep=False
+  # replaces even a head of the right size.
+  own = {"kernel": np.ones((256, 1000), np.float32), "bias": np.ones(1000, np.float32)}
+  assert replace_head(b0_params, 1000, keep=False, new_head=own)["head"] is own
+  assert replace_head(b0_params, 1000, new_head=own)["head"] is b0_params["head"]
 
 
 def test_load_pretrained_reads_pytorch_files_directly(tmp_path):

@@ -53,7 +53,7 @@ def test_unknown_mode_is_named():
 
 def test_finetune_config():
   c = finetune.get_config("b2,imagenet")
-  assert c.variant == "b2" and c.reinit_head and c.init_from == ""
+  assert c.variant == "b2" and c.reinit_head and c.init_from is None  # required: no default
   assert c.optimizer.base_lr < load("b2", "imagenet").optimizer.base_lr
   assert finetune.get_config().variant == "b0"
   with pytest.raises(ValueError, match="'b9'"):

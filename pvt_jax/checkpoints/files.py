@@ -12,6 +12,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 
 import numpy as np
 import safetensors
@@ -72,7 +73,12 @@ def _read_torch(path: str):
     raise CheckpointError("reading PyTorch pickles needs torch (pip install torch); or pass "
                           "a .safetensors file") from None
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # A file object, not the path: torch.load hands any path ending in .safetensors to the
+    # safetensors reader, whatever the file holds; its kind was read from its bytes already.
+    with open(path, "rb") as f, warnings.catch_warnings():
+      # Its note on plain pickles of another protocol precedes our own one-line verdict.
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+      return torch.load(f, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as error:
     if "Weights only load failed" in str(error):
       raise CheckpointError(f"refused to unpickle: the file holds more than tensors, which "

@@ -58,6 +58,7 @@ def finetune_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """
   variant, modes = base.parse_arg(arg, MODES)
   c = get_config(variant, ",".join(sorted(modes)))
+  c.init_from = ml_collections.config_dict.placeholder(str)  # None: required, set it
   c.reinit_head = True
   if "imagenet" in modes:
     c.num_epochs = 30

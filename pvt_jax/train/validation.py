@@ -65,8 +65,8 @@ def _check_optimizer(config) -> None:
 def check_config(config) -> tasks.Task:
   """Everything a training run's config must satisfy, shared fields and the task's own
   (`Task.check_config`), without opening the dataset. Returns the task."""
-  task = check_eval_config(config)
   sharding.check_batch_size(config.batch_size)
+  task = check_eval_config(config)
   accum = config.grad_accum_steps
   _require(accum >= 1 and config.batch_size % (accum * jax.device_count()) == 0,
            f"batch_size={config.batch_size} does not split into grad_accum_steps={accum} "
