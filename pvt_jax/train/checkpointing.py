@@ -27,16 +27,13 @@ class _Expected(std_logging.Filter):
     return not str(record.msg).startswith(_EXPECTED)
 
 
-def _orbax_errors_as_lines(record: std_logging.LogRecord) -> bool:
-  """Our errors report failed saves in one line; orbax's own report of them drops its traceback."""
-  if "orbax" in record.pathname and record.levelno >= std_logging.ERROR:
-    record.exc_info = None
-    record.exc_text = None
-  return True
+def orbax_errors_reported_by_us(record: std_logging.LogRecord) -> bool:
+  """A log filter for the CLIs: orbax logs a failed save (with tracebacks, from each of its
+  threads) before raising it, and TrainCheckpoints raises every such failure as one line."""
+  return not ("/orbax/" in record.pathname and record.levelno >= std_logging.ERROR)
 
 
 std_logging.getLogger("absl").addFilter(_Expected())
-std_logging.getLogger("absl").addFilter(_orbax_errors_as_lines)
 
 
 def _reason(error: BaseException) -> str:
@@ -77,6 +74,7 @@ class TrainCheckpoints:
     self.best_metric = best_metric
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving = None  # step of the save in flight
+    self._failed = False  # a failed save was raised already
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -98,7 +96,7 @@ class TrainCheckpoints:
     except CheckpointError:
       raise
     except Exception as error:  # orbax and tensorstore raise many types for a failed write
-      self._saving = None
+      self._saving, self._failed = None, True
       raise CheckpointError(f"saving the checkpoint of step {step} failed ({_reason(error)})",
                             self.directory) from None
 
@@ -110,10 +108,10 @@ class TrainCheckpoints:
     self._saving = step
 
   def poll(self) -> None:
-    """Raises the failure of the save in flight if its background write has reported one."""
-    if self._saving is not None:
-      with self._failures_named(self._saving):
-        self._manager.check_for_errors()
+    """Once the save in flight has finished in the background, raises its failure if it
+    failed (never blocks)."""
+    if self._saving is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores onto the shardings of `abstract_state`, whatever mesh the checkpoint came from."""
@@ -141,6 +139,12 @@ class TrainCheckpoints:
       self._saving = None
 
   def close(self) -> None:
+    """Finishes the save in flight; a failure already raised is not raised again."""
+    if self._failed:
+      with contextlib.suppress(Exception):
+        self._manager.close()
+      return
+    self.wait()
     self._manager.close()
 
 

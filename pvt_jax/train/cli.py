@@ -2,6 +2,7 @@
 
 import difflib
 import glob
+import logging as std_logging
 import os
 import re
 import sys
@@ -11,6 +12,7 @@ from absl import flags, logging
 
 from pvt_jax.checkpoints.errors import CheckpointError
 from pvt_jax.data import DatasetError
+from pvt_jax.train import checkpointing
 from pvt_jax.train.errors import ConfigError, NonFiniteLossError
 
 # Errors that are the user's input or the run's outcome, not bugs: reported without a traceback.
@@ -99,9 +101,11 @@ def config_value(config_flag):
 
 
 def quiet_logging() -> None:
-  """Warnings only, unless --verbosity was given: orbax logs every save at INFO."""
+  """Warnings only, unless --verbosity was given: orbax logs every save at INFO, and its
+  reports of failed saves are ours to make (in one line)."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("absl").addFilter(checkpointing.orbax_errors_reported_by_us)
 
 
 def _cluster_detected() -> bool:

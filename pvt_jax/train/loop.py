@@ -353,9 +353,9 @@ def _run(config, setup, state, start, train_step, eval_step, ckpts, writer, stop
       last = ckpts.latest_step()
       kept = f"step {last}" if last is not None else "none"
       if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
-        what = (f"step {step} made the parameters or optimizer state non-finite (loss "
-                f"{values['loss']:.4g}, grad norm {values['grad_norm']:.4g}, lr "
-                f"{values['lr']:.4g})")
+        what = (f"step {step} made the state non-finite (parameters, optimizer state or "
+                f"collections; loss {values['loss']:.4g}, grad norm {values['grad_norm']:.4g}, "
+                f"lr {values['lr']:.4g})")
       else:
         what = f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}"
       raise NonFiniteLossError(f"{what}; stopped, last good checkpoint: {kept}")

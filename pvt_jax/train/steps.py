@@ -42,8 +42,9 @@ def make_train_step(task, config, model, tx, schedule, mesh, state_shardings,
   With grad_accum_steps = k the global batch is cut into k interleaved micro-batches whose mean
   gradient is the big-batch gradient, so one call is still exactly one optimizer update; mutable
   collections (BatchNorm statistics) go through the micro-batches in order.
-  metrics: 'loss', 'grad_norm', 'lr' (of this update), 'finite' (the new params and optimizer
-  state, i.e. what a checkpoint of it would hold, are all finite) and the task's loss metrics.
+  metrics: 'loss', 'grad_norm', 'lr' (of this update), 'finite' (the new params, optimizer
+  state and collections, i.e. what a checkpoint of it would hold, are all finite) and the task's
+  loss metrics.
   """
   names = collections(state_shardings)
 
@@ -89,7 +90,7 @@ def make_train_step(task, config, model, tx, schedule, mesh, state_shardings,
     new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state,
                  "rng": state["rng"], **model_state}
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(step), "finite": all_finite((new_params, opt_state))}
+               "lr": schedule(step), "finite": all_finite((new_params, opt_state, model_state))}
     return new_state, metrics
 
   return jax.jit(train_step,
