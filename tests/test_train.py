@@ -20,7 +20,7 @@ from configs import b0
 from pvt_jax import data, tasks
 from pvt_jax.checkpoints import load_converted, save_converted
 from pvt_jax.models import create_model
-from pvt_jax.train import checkpointing, loop, optimizer, sharding, steps
+from pvt_jax.train import checkpointing, loop, metrics, optimizer, sharding, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,6 +237,11 @@ def test_resume_after_sigterm_is_exact(straight_run, tiny_fashion_mnist, compile
     resumed = loop.train_and_evaluate(config, workdir)
   assert f"resuming from step {stop_step}" in console.getvalue()
   assert resumed["step"] == 10
+  # Each step logged once; the stopped window and the resumed one are shorter, and say so.
+  logged = [r for r in metrics.read_metrics(os.path.join(workdir, metrics.METRICS_FILE))
+            if "train/loss" in r]
+  assert [r["step"] for r in logged] == sorted({r["step"] for r in logged})
+  assert sum(r["train/window_steps"] for r in logged) == 10
   final, _ = restore_params(workdir, config)
   expected, _ = restore_params(straight_dir, config)
   jax.tree.map(np.testing.assert_array_equal, final, expected)  # bit-exact

@@ -91,7 +91,9 @@ def config_value(config_flag):
   """The --config flag's value: config files are loaded on first use, so a missing one is
   reported here, in one line."""
   try:
-    return config_flag.value
+    config = config_flag.value
+    config.keys()  # a file that failed to load gives a stand-in that raises on first use
+    return config
   except OSError:
     argv = sys.argv
     given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
