@@ -19,7 +19,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from pvt_jax.train import cli, loop
+from pvt_jax.train import checkpointing, cli, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file, e.g. configs/b0.py or configs/b2.py:imagenet", lock_config=True)
@@ -36,6 +36,8 @@ def main(argv) -> None:
   cli.initialize_distributed()
   try:
     result = loop.train_and_evaluate(config, _WORKDIR.value)
+  except checkpointing.SaveError as error:
+    cli.fail(str(error), abandon_threads=True)
   except cli.USER_ERRORS as error:
     cli.fail(str(error))
   except KeyboardInterrupt:

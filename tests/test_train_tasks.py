@@ -13,6 +13,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -59,7 +62,7 @@ class TinyNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(4, (3, 3))(x)
+    x = nn.Conv(4, (3, 3), use_bias=False)(x)  # BatchNorm follows: a bias would get no gradient
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
     return nn.Dense(self.num_classes)(nn.relu(x).mean(axis=(1, 2)))
 
@@ -106,20 +109,27 @@ class TinyBatchNormTask(tasks.Task):
     raise NotImplementedError
 
   def train_iterator(self, config, start_step):
+    """This process's rows of each global batch."""
+    local = config.batch_size // jax.process_count()
+    rows = jax.process_index() * local + np.arange(local)
     for step in itertools.count(start_step):
       if step == config.tiny.interrupt_at:  # as if Ctrl-C were pressed while it is read
         os.kill(os.getpid(), signal.SIGINT)
-      images, labels = examples((step * config.batch_size + np.arange(config.batch_size))
-                                % NUM_TRAIN)
+      images, labels = examples((step * config.batch_size + rows) % NUM_TRAIN)
       if step == config.tiny.poison_at:  # zero-mean, huge: BatchNorm's variance overflows
         images = np.random.default_rng(step).standard_normal(images.shape, np.float32) * 1e20
       yield {"image": images, "label": labels}
 
   def eval_iterator(self, config):
-    for first in range(0, NUM_EVAL, config.eval_batch_size):
-      chosen = np.arange(first, first + config.eval_batch_size)
-      mask = chosen < NUM_EVAL
-      index = np.where(mask, chosen, 0)  # padding repeats example 0, masked out
+    """Examples dealt round robin to the processes, each padded to the same number of whole
+    batches (as the real eval iterators do)."""
+    count, local = jax.process_count(), config.eval_batch_size // jax.process_count()
+    mine = np.arange(jax.process_index(), NUM_EVAL, count)
+    padded = -(-len(np.arange(0, NUM_EVAL, count)) // local) * local
+    for first in range(0, padded, local):
+      chosen = mine[first:first + local]
+      mask = np.arange(local) < len(chosen)
+      index = np.pad(chosen, (0, local - len(chosen)))  # padding repeats example 0, masked
       images, labels = examples(index)
       yield {"image": images, "label": labels, "index": index, "mask": mask}
 
@@ -316,3 +326,47 @@ def test_a_workdir_of_another_config_is_refused_before_anything_is_written(strai
   result, console = train(tiny_config(num_train_steps=7, eval_every_steps=7), workdir)
   assert "note: num_train_steps changed 6 -> 7" in console and result["step"] == 7
   assert json.loads((workdir / "dataset.json").read_text())["class_names"] == ["a", "b", "c"]
+
+
+TWO_PROCESSES = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+import test_train_tasks as t
+from pvt_jax import tasks
+from pvt_jax.train import loop
+tasks.TASKS["tiny_bn"] = "test_train_tasks:TinyBatchNormTask"
+result = loop.train_and_evaluate(t.tiny_config(), sys.argv[3])
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_and_gather_each_eval_example_once(straight, tmp_path):
+  """BatchNorm statistics over the global batch (SyncBN) and per-example eval outputs from both
+  processes: the same state and metrics as one process, and every example counted once."""
+  config, straight_dir, straight_result, _ = straight
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=f"{os.path.dirname(here)}:{here}", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, f"127.0.0.1:{port}", str(i),
+                             str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  results = []
+  for proc, (out, err) in zip(procs, outputs, strict=True):
+    assert proc.returncode == 0, err[-3000:]
+    results.append(json.loads(out.split("RESULT ")[-1]))
+  assert results[0]["eval"] == results[1]["eval"] == straight_result["eval"]  # count 10
+  ours, theirs = final_state(tmp_path, config), final_state(straight_dir, config)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours,
+               theirs)

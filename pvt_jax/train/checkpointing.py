@@ -17,6 +17,10 @@ from pvt_jax.checkpoints.errors import CheckpointError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
+
+class SaveError(CheckpointError):
+  """A checkpoint could not be written; its background writes are abandoned, unfinished."""
+
 # orbax log lines that are expected here, not news: checkpoints between evaluations carry no
 # metrics by design, and evaluation opens the manager read-only on purpose.
 _EXPECTED = ("Requested `tracked_metric`; did not provide metrics.", "Given directory is read only")
@@ -97,8 +101,8 @@ class TrainCheckpoints:
       raise
     except Exception as error:  # orbax and tensorstore raise many types for a failed write
       self._saving, self._failed = None, True
-      raise CheckpointError(f"saving the checkpoint of step {step} failed ({_reason(error)})",
-                            self.directory) from None
+      raise SaveError(f"saving the checkpoint of step {step} failed ({_reason(error)})",
+                      self.directory) from None
 
   def save(self, step: int, state, metrics: dict | None = None) -> None:
     """Starts an async save of `state` (an eval result in `metrics` ranks it for "best")."""
@@ -139,10 +143,9 @@ class TrainCheckpoints:
       self._saving = None
 
   def close(self) -> None:
-    """Finishes the save in flight; a failure already raised is not raised again."""
+    """Finishes the save in flight. After a failed save (raised already) the manager is left as
+    it is: closing it would wait on the failed writes, which only report their failure again."""
     if self._failed:
-      with contextlib.suppress(Exception):
-        self._manager.close()
       return
     self.wait()
     self._manager.close()

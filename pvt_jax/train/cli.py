@@ -1,5 +1,7 @@
 """What the training CLIs share: one-line errors, flag parsing and multi-process start-up."""
 
+import ast
+import contextlib
 import difflib
 import glob
 import logging as std_logging
@@ -29,8 +31,15 @@ flags.DEFINE_bool("distributed", False,
                   "environment (launch/tpu_pod.sh passes it)")
 
 
-def fail(message: str, status: int = 1) -> None:
+def fail(message: str, status: int = 1, *, abandon_threads: bool = False) -> None:
+  """Prints `error: message` and exits. `abandon_threads` exits at once, without waiting for
+  background threads (e.g. the writes of a failed checkpoint, which would only report their
+  failure again, with tracebacks, while the interpreter shuts down)."""
   print(f"error: {message}", file=sys.stderr)
+  if abandon_threads:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
   sys.exit(status)
 
 
@@ -82,6 +91,9 @@ def parse_flags(argv):
     fail(_flag_error_line(error))
   except (AttributeError, KeyError) as error:  # config_flags on `--config.nosuch=...`
     message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    if message[:1] in "'\"":  # config_flags re-raises the config's KeyError quoted, as str()
+      with contextlib.suppress(ValueError, SyntaxError):
+        message = ast.literal_eval(message)
     name = message.splitlines()[0].strip("'\"")
     paths = [arg.split("=")[0][len("--config."):] for arg in argv if arg.startswith("--config.")]
     fail(_unknown_field(next((p for p in paths if p.endswith(name)), name), message))
@@ -102,12 +114,22 @@ def config_value(config_flag):
     fail(missing_config_file((given or "").split(":")[0]))
 
 
+def _unraisable_unless_closed_loop(unraisable) -> None:
+  """After a failed save, the writes still in flight complete into orbax's event loop, already
+  closed, and each such callback reports "Event loop is closed"; the failure itself is ours to
+  report, in one line."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_logging() -> None:
   """Warnings only, unless --verbosity was given: orbax logs every save at INFO, and its
   reports of failed saves are ours to make (in one line)."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("absl").addFilter(checkpointing.orbax_errors_reported_by_us)
+    sys.unraisablehook = _unraisable_unless_closed_loop
 
 
 def _cluster_detected() -> bool:
