@@ -9,8 +9,6 @@ and reports exit code, stdout and stderr per case.
 import json
 import os
 import re
-import resource
-import signal
 import subprocess
 import sys
 
@@ -53,11 +51,10 @@ print("RESULTS " + json.dumps(results), file=sys.__stdout__)
 """
 
 
-def small_disk() -> None:
-  """preexec_fn: no file over 1 MB can be written (EFBIG, as ENOSPC for a full disk)."""
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(
-      resource.RLIMIT_FSIZE)[1]))
+def on_a_small_disk(argv) -> list[str]:
+  """`argv` run where no file over 1 MB can be written (EFBIG, as ENOSPC on a full disk);
+  SIGXFSZ ignored, so that the write fails instead of killing the process."""
+  return ["bash", "-c", "ulimit -f 1024 && trap '' XFSZ && exec \"$@\"", "bash", *argv]
 
 
 def read_only_directory(path) -> bool:
@@ -148,9 +145,10 @@ def cli(tiny_fashion_mnist, tmp_path_factory):
                              stderr=subprocess.PIPE, text=True)
       for case, argv in evaluations.items()}
   evaluate_procs["full_disk"] = subprocess.Popen(
-      [sys.executable, "-m", "pvt_jax.main", *tiny, f"--workdir={root / 'full'}", *whole_batch,
-       "--config.checkpoint_every_steps=1"], cwd=REPO, env=subprocess_env(cache, devices=2),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=small_disk)
+      on_a_small_disk([sys.executable, "-m", "pvt_jax.main", *tiny, f"--workdir={root / 'full'}",
+                       *whole_batch, "--config.checkpoint_every_steps=1"]),
+      cwd=REPO, env=subprocess_env(cache, devices=2), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
   for case, proc in evaluate_procs.items():
     out, err = proc.communicate(timeout=300)
     results[case] = {"code": proc.returncode, "stdout": out, "stderr": err}

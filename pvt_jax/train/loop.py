@@ -127,13 +127,12 @@ class _StopRequest:
              "unsaved)")
       if jax.process_count() > 1:
         os.kill(os.getpid(), signal.SIGTERM)
-        name = "SIGTERM"
     self.signal = self.signal or name
 
   def __call__(self, step: int) -> str | None:
     """The name of the signal that asks to stop at `step`, or None."""
     if jax.process_count() > 1:
-      return "SIGTERM" if self._ckpts.reached_preemption(step) else None
+      return (self.signal or "SIGTERM") if self._ckpts.reached_preemption(step) else None
     return self.signal
 
   def close(self):
