@@ -186,3 +186,62 @@ def xla_gflops(model: SemanticFPN, image_size: Sequence[int] = (512, 512),
 
   compiled = jax.jit(forward).lower(variables, images).compile()
   return xla_flops(compiled, forward, variables, images) / batch_size / 1e9
+
+
+def cross_entropy_loss(logits, labels, ignore_index: int = 255, avg_non_ignore: bool = False):
+  """mmseg's `CrossEntropyLoss` on logits at the labels' size ([B, H, W, K], [B, H, W]): pixels
+  labelled `ignore_index` contribute 0; the mean is over every pixel (mmseg's default,
+  avg_non_ignore=False) or over the scored ones only."""
+  import optax  # the models stay importable without the training stack
+
+  valid = labels != ignore_index
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+  losses = jnp.where(valid, losses, 0.0)
+  count = valid.sum() if avg_non_ignore else valid.size
+  return losses.sum() / jnp.maximum(count, 1)
+
+
+def _lerp_per_example(x, axis: int, in_sizes, out_sizes, out_length: int, align_corners: bool):
+  """Bilinear resize of each example along `axis` from its first in_sizes[b] entries to
+  out_sizes[b] entries (an axis of static length out_length; entries beyond out_sizes[b] are
+  filler), with PyTorch's source coordinates (float32, clamped at 0; last index clamped)."""
+  dst = jnp.arange(out_length, dtype=jnp.float32)[None]
+  size_in = in_sizes.astype(jnp.float32)[:, None]
+  size_out = out_sizes.astype(jnp.float32)[:, None]
+  if align_corners:
+    src = (size_in - 1) / jnp.maximum(size_out - 1, 1) * dst
+  else:
+    src = jnp.maximum(size_in / size_out * (dst + 0.5) - 0.5, 0.0)
+  last = in_sizes[:, None].astype(jnp.int32) - 1
+  first = jnp.minimum(jnp.floor(src).astype(jnp.int32), last)
+  second = jnp.minimum(first + 1, last)
+  weight = jnp.clip(src - first.astype(jnp.float32), 0.0, 1.0)
+  shape = [x.shape[0]] + [1] * (x.ndim - 1)
+  shape[axis] = out_length
+
+  def gather(index):
+    return jnp.take_along_axis(x, index.reshape(shape), axis=axis, mode="clip")
+
+  weight = weight.reshape(shape).astype(x.dtype)
+  return gather(first) * (1 - weight) + gather(second) * weight
+
+
+def predict_labels(logits, image_sizes, label_shape, label_sizes, align_corners: bool = False):
+  """Whole-image predictions at each label's original size, as mmseg 0.13 computes them:
+  stride-4 logits resized bilinearly to the network input's size, then to the label's size, then
+  argmax. Per example, from static canvases, so one program serves a whole eval bucket.
+
+  logits: [B, Hc / 4, Wc / 4, K] (`SemanticFPN.decode` of the canvas); image_sizes: int [B, 2]
+  each image's size in the canvas (multiples of 4, top-left); label_shape: the label canvas
+  (Lh, Lw); label_sizes: int [B, 2]. Returns int32 [B, Lh, Lw] (filler beyond label_sizes).
+  """
+  canvas = (4 * logits.shape[1], 4 * logits.shape[2])
+  height, width = image_sizes[:, 0], image_sizes[:, 1]
+  x = logits.astype(jnp.float32)
+  # `encode_decode`: to the network input's size; then `inference`: to the label's.
+  x = _lerp_per_example(x, 1, height // 4, height, canvas[0], align_corners)
+  x = _lerp_per_example(x, 2, width // 4, width, canvas[1], align_corners)
+  x = _lerp_per_example(x, 1, height, label_sizes[:, 0], label_shape[0], align_corners)
+  x = _lerp_per_example(x, 2, width, label_sizes[:, 1], label_shape[1], align_corners)
+  return jnp.argmax(x, axis=-1).astype(jnp.int32)
