@@ -19,8 +19,10 @@ from pvt_jax.models.semantic_fpn import (
     BatchNorm,
     FPNHead,
     create_semantic_fpn,
+    cross_entropy_loss,
     init_shapes,
     num_params,
+    predict_labels,
 )
 
 TOLERANCE = 1e-4
@@ -172,3 +174,35 @@ def test_dropout_drops_whole_channels():
   zero = (dropped == 0).all(axis=0)
   assert 20 < zero.sum() < 108
   np.testing.assert_allclose(dropped[:, ~zero], 2 * kept[:, ~zero], rtol=1e-6, atol=1e-6)
+
+
+def test_predictions_at_label_size_equal_mmseg_two_resizes():
+  """mmseg 0.13 whole inference: stride-4 logits -> input size -> original size -> argmax,
+  per example from shared canvases (the last example fills its canvas)."""
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((3, 24, 32, 5)).astype(np.float32)
+  image_sizes = np.array([[64, 96], [32, 64], [96, 128]])
+  label_sizes = np.array([[71, 101], [40, 90], [130, 200]])
+  predictions = np.asarray(jax.jit(predict_labels, static_argnums=2)(
+      logits, image_sizes, (130, 200), label_sizes))
+  assert predictions.shape == (3, 130, 200)
+  for b, ((h, w), (lh, lw)) in enumerate(zip(image_sizes, label_sizes, strict=True)):
+    x = torch.from_numpy(logits[b:b + 1, :h // 4, :w // 4].transpose(0, 3, 1, 2).copy())
+    x = F.interpolate(x, size=(int(h), int(w)), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(int(lh), int(lw)), mode="bilinear", align_corners=False)
+    np.testing.assert_array_equal(predictions[b, :lh, :lw], x.argmax(1)[0].numpy())
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+def test_cross_entropy_equals_torch_with_ignore_index(avg_non_ignore):
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((2, 9, 11, 6)).astype(np.float32)
+  labels = rng.integers(0, 6, (2, 9, 11))
+  labels[rng.random(labels.shape) < 0.3] = 255
+  ours = cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels),
+                            avg_non_ignore=avg_non_ignore)
+  losses = F.cross_entropy(nchw(logits), torch.from_numpy(labels), ignore_index=255,
+                           reduction="none")
+  # mmseg's default averages over every pixel; avg_non_ignore=True over the scored ones.
+  expected = losses.sum() / ((labels != 255).sum() if avg_non_ignore else labels.size)
+  np.testing.assert_allclose(float(ours), float(expected), rtol=1e-5)

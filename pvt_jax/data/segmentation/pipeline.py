@@ -49,14 +49,13 @@ class SegmentationInfo:
   ignore_index: int = transforms.IGNORE_INDEX
 
 
-def _splits(config, source: SegmentationSource) -> tuple[str, str]:
-  return (source.resolve_split(config.train_split),
-          source.resolve_split(config.eval_split, eval_default=True))
+def _eval_split(config, source: SegmentationSource) -> str:
+  return source.resolve_split(config.eval_split, eval_default=True)
 
 
 def dataset_info(config) -> SegmentationInfo:
   source = open_source(config)
-  train_split, eval_split = _splits(config, source)
+  train_split, eval_split = source.resolve_split(config.train_split), _eval_split(config, source)
   return SegmentationInfo(source.name, source.num_classes, source.class_names,
                           len(source.split(train_split)), len(source.split(eval_split)),
                           train_split, eval_split)
@@ -131,7 +130,7 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
   run's. An epoch is num_train_examples // batch_size steps."""
   index, count = _process(process_index, process_count)
   source = open_source(config)
-  train_split, _ = _splits(config, source)
+  train_split = source.resolve_split(config.train_split)
   seg = config.seg
   local_batch = _local_batch(config.batch_size, count, "batch_size")
   num_examples = len(source.split(train_split))
@@ -197,7 +196,7 @@ def eval_plan(config):
   """(original sizes [N, 2], rescaled [N, 2], network input sizes [N, 2], buckets) of the eval
   split; buckets in the order `eval_iterator` yields them."""
   source = open_source(config)
-  _, eval_split = _splits(config, source)
+  eval_split = _eval_split(config, source)
   seg = config.seg
   if seg.eval_canvas_multiple % seg.size_divisor:
     raise DatasetError(f"seg.eval_canvas_multiple={seg.eval_canvas_multiple} must be a multiple "
@@ -214,7 +213,7 @@ def eval_iterator(config, *, process_index: int | None = None,
   'label_size' int32 [B, 2], 'mask' bool [B]}."""
   index, count = _process(process_index, process_count)
   source = open_source(config)
-  _, eval_split = _splits(config, source)
+  eval_split = _eval_split(config, source)
   local_batch = _local_batch(config.eval_batch_size or config.batch_size, count,
                              "eval_batch_size")
   sizes, rescaled, aligned, buckets = eval_plan(config)
