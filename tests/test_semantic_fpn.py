@@ -206,3 +206,77 @@ def test_cross_entropy_equals_torch_with_ignore_index(avg_non_ignore):
   # mmseg's default averages over every pixel; avg_non_ignore=True over the scored ones.
   expected = losses.sum() / ((labels != 255).sum() if avg_non_ignore else labels.size)
   np.testing.assert_allclose(float(ours), float(expected), rtol=1e-5)
+
+
+def test_neck_head_loss_and_eval_are_plain_xla_for_gpu_and_tpu():
+  """The dense parts are plain XLA on accelerators: a training gradient (BN statistics updated)
+  and the eval path (predictions at label size, confusion matrix) lower for CUDA and TPU with no
+  custom calls."""
+  from pvt_jax.metrics.segmentation import confusion_matrix
+  from pvt_jax.models.fpn import FPN
+
+  maps = [jax.ShapeDtypeStruct((2, s, s + 1, c), jnp.float32)
+          for s, c in zip((16, 8, 4, 2), (32, 64, 160, 256), strict=True)]
+  neck, head = FPN(32, 4), FPNHead(5, channels=16)
+
+  def forward(variables, maps, train):
+    outs = neck.apply({"params": variables["params"]["neck"]}, maps)
+    head_vars = {"params": variables["params"]["head"], "batch_stats": variables["batch_stats"]}
+    return head.apply(head_vars, outs, train, rngs={"dropout": jax.random.key(0)},
+                      mutable=["batch_stats"] if train else False)
+
+  def init(maps):
+    neck_params = neck.init(jax.random.key(0), maps)["params"]
+    head_vars = head.init(jax.random.key(0), neck.apply({"params": neck_params}, maps))
+    return {"params": {"neck": neck_params, "head": head_vars["params"]},
+            "batch_stats": head_vars["batch_stats"]}
+
+  variables = jax.eval_shape(init, maps)
+
+  def train_step(variables, maps, labels):
+    def loss(params):
+      logits, state = forward({**variables, "params": params}, maps, True)
+      logits = jax.image.resize(logits, (2, 64, 68, 5), "nearest")
+      return cross_entropy_loss(logits, labels), state
+    return jax.grad(loss, has_aux=True)(variables["params"])
+
+  def eval_step(variables, maps, labels, sizes):
+    logits = forward(variables, maps, False)
+    predictions = predict_labels(logits, sizes, (70, 80), sizes)
+    return confusion_matrix(labels, predictions, 5)
+
+  labels = jax.ShapeDtypeStruct((2, 64, 68), jnp.int32)
+  for fn, args in ((train_step, (variables, maps, labels)),
+                   (eval_step, (variables, maps, jax.ShapeDtypeStruct((2, 70, 80), jnp.int32),
+                                jax.ShapeDtypeStruct((2, 2), jnp.int32)))):
+    exported = jax.export.export(jax.jit(fn), platforms=("cuda", "tpu"))(*args)
+    assert "stablehlo.custom_call" not in exported.mlir_module()
+
+
+def test_sem_fpn_config_modes_hold_the_paper_recipe():
+  from configs import sem_fpn
+
+  c = sem_fpn.get_config("b2,ade20k")
+  assert (c.task, c.variant, c.dataset.split(":")[0], c.batch_size, c.num_train_steps) == (
+      "segmentation", "b2", "ade20k", 16, 40_000)
+  assert (c.optimizer.base_lr * c.batch_size / c.optimizer.lr_batch_base,
+          c.optimizer.weight_decay, c.optimizer.schedule, c.optimizer.poly_power,
+          c.optimizer.min_lr) == (1e-4, 1e-4, "poly", 0.9, 0.0)
+  assert (tuple(c.seg.crop_size), tuple(c.seg.scale), tuple(c.seg.ratio_range),
+          c.seg.cat_max_ratio, tuple(c.seg.eval_scale), c.seg.size_divisor) == (
+              (512, 512), (2048, 512), (0.5, 2.0), 0.75, (2048, 512), 32)
+  quick, smoke = sem_fpn.get_config(), sem_fpn.get_config("b1,runlocal")
+  assert (quick.variant, quick.dataset, smoke.variant) == ("b0", "fashion_mnist_seg", "b1")
+  assert smoke.num_train_steps < 10
+  with pytest.raises(ValueError, match="unknown config mode 'coco'"):
+    sem_fpn.get_config("b0,coco")
+
+
+def test_poly_schedule_is_mmseg_poly():
+  from pvt_jax.schedules import poly_schedule
+
+  schedule = poly_schedule(1e-4, 40_000, 0.9, 1e-6)
+  for step in (0, 1, 20_000, 39_999, 40_000, 50_000):
+    progress = min(step, 40_000) / 40_000
+    np.testing.assert_allclose(float(schedule(step)),
+                               (1e-4 - 1e-6) * (1 - progress) ** 0.9 + 1e-6, rtol=1e-5)
