@@ -270,13 +270,3 @@ def test_sem_fpn_config_modes_hold_the_paper_recipe():
   assert smoke.num_train_steps < 10
   with pytest.raises(ValueError, match="unknown config mode 'coco'"):
     sem_fpn.get_config("b0,coco")
-
-
-def test_poly_schedule_is_mmseg_poly():
-  from pvt_jax.schedules import poly_schedule
-
-  schedule = poly_schedule(1e-4, 40_000, 0.9, 1e-6)
-  for step in (0, 1, 20_000, 39_999, 40_000, 50_000):
-    progress = min(step, 40_000) / 40_000
-    np.testing.assert_allclose(float(schedule(step)),
-                               (1e-4 - 1e-6) * (1 - progress) ** 0.9 + 1e-6, rtol=1e-5)

@@ -64,7 +64,7 @@ def get_config(variant: str, arg: str | None = None) -> ml_collections.ConfigDic
   c.optimizer.base_lr = 1e-4
   c.optimizer.lr_batch_base = 16  # lr = 1e-4 at the paper's batch of 16
   c.optimizer.weight_decay = 1e-4
-  c.optimizer.schedule = "poly"  # (base - min_lr) * (1 - step / steps) ** power + min_lr
+  c.optimizer.schedule = "poly"  # (lr - min_lr) * (1 - step / steps) ** power + min_lr
   c.optimizer.poly_power = 0.9
   c.optimizer.min_lr = 0.0  # the PVTv2-Seg configs (mmseg's schedule_40k says 1e-4)
   c.optimizer.warmup_epochs = 0.0
@@ -82,20 +82,23 @@ def get_config(variant: str, arg: str | None = None) -> ml_collections.ConfigDic
 
 def _quick_fashion_mnist(c: ml_collections.ConfigDict) -> None:
   """Fashion-MNIST garments on 64x64 canvases, the official pipeline scaled to them (crop 64,
-  eval at 64; no class-ratio rejection, the background dominates by design)."""
+  eval at 64; no class-ratio rejection, the background dominates by design). B0 from scratch
+  reaches mIoU 0.36 (an all-background prediction: 0.06) in 600 steps, ~10 minutes on 2 CPU
+  cores."""
   c.dataset = "fashion_mnist_seg"
   c.train_split = "train"
   c.eval_split = "validation"
   c.drop_path_rate = 0.0
   c.seg.crop_size = (64, 64)
   c.seg.scale = (64, 64)
+  c.seg.ratio_range = (0.75, 1.5)  # garments of 21-84 px; 0.5-2.0 cuts most of them off
   c.seg.eval_scale = (64, 64)
   c.seg.cat_max_ratio = 1.0
   c.seg.eval_label_canvas_multiple = 64
   c.batch_size = 32
   c.eval_batch_size = 100
   c.num_train_steps = 600
-  c.optimizer.base_lr = 1e-3
+  c.optimizer.base_lr = 2e-3  # measured (600 steps, B0 from scratch): mIoU 0.36, 0.30 at 1e-3
   c.optimizer.lr_batch_base = 32
   c.optimizer.weight_decay = 1e-4
   c.log_every_steps = 20

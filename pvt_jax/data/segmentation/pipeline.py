@@ -23,15 +23,14 @@ import itertools
 import math
 import re
 
-import jax
 import numpy as np
 import tensorflow as tf
 
 from pvt_jax.data.errors import DatasetError
+from pvt_jax.data.pipeline import _MAGIC, _local_batch, _process  # shared with classification
 from pvt_jax.data.segmentation import transforms
 from pvt_jax.data.segmentation.sources import SegmentationSource, open_source
 
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
 _CORRUPT = "corrupt image file"
 _MISMATCH = "label size differs from its image"
 _DecodeError = tf.errors.InvalidArgumentError
@@ -59,19 +58,6 @@ def dataset_info(config) -> SegmentationInfo:
   return SegmentationInfo(source.name, source.num_classes, source.class_names,
                           len(source.split(train_split)), len(source.split(eval_split)),
                           train_split, eval_split)
-
-
-def _process(process_index, process_count) -> tuple[int, int]:
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  return index, count
-
-
-def _local_batch(global_batch: int, process_count: int, what: str) -> int:
-  if global_batch <= 0 or global_batch % process_count:
-    raise DatasetError(f"{what}={global_batch} must be a positive multiple of the process "
-                       f"count {process_count}")
-  return global_batch // process_count
 
 
 def _decode(record, source: SegmentationSource):
@@ -243,7 +229,8 @@ def eval_iterator(config, *, process_index: int | None = None,
       per_example = [tf.data.Dataset.from_tensor_slices(a[mine].astype(np.int32))
                      for a in (rescaled, aligned, sizes)]
       real = tf.data.Dataset.zip((source.records(eval_split, mine), *per_example)).map(
-          lambda *r: prepare(*r, bucket.image_canvas, bucket.label_canvas),
+          functools.partial(prepare, image_canvas=bucket.image_canvas,
+                            label_canvas=bucket.label_canvas),
           num_parallel_calls=tf.data.AUTOTUNE)
       ds = real.concatenate(ds)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
