@@ -2,6 +2,10 @@
 of the paper's Table 5; PyTorch BatchNorm semantics."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +274,31 @@ def test_sem_fpn_config_modes_hold_the_paper_recipe():
   assert smoke.num_train_steps < 10
   with pytest.raises(ValueError, match="unknown config mode 'coco'"):
     sem_fpn.get_config("b0,coco")
+
+
+def test_batch_norm_statistics_cover_the_global_batch_on_two_devices():
+  """SyncBN for free: BN over a batch sharded on 2 devices gives the unsharded outputs and
+  running statistics (XLA reduces over the devices)."""
+  code = textwrap.dedent("""
+      import numpy as np, jax
+      from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+      from pvt_jax.models.semantic_fpn import BatchNorm
+      mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+      x = np.random.default_rng(0).standard_normal((4, 5, 6, 3)).astype(np.float32)
+      x[:2] += 3.0  # the two shards' statistics differ
+      bn = BatchNorm()
+      variables = bn.init(jax.random.key(0), x, train=False)
+      step = jax.jit(lambda v, x: bn.apply(v, x, train=True, mutable=["batch_stats"]))
+      sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+      (y2, s2), (y1, s1) = step(variables, sharded), step(variables, x)
+      assert len(sharded.sharding.device_set) == 2
+      np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), atol=1e-5)
+      for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+      print("ok")
+  """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
