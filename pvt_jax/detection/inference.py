@@ -34,6 +34,7 @@ def batched_nms(boxes, scores, labels, valid, iou_threshold: float, max_outputs:
   rounds of "take the best remaining box, suppress its overlaps": O(max_outputs * N) rather than
   the O(N^2) IoU matrix, which matters for N = 5 levels x nms_pre candidates.
   """
+  boxes, scores, labels = jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(labels)
   areas = box_ops.area(boxes)
 
   def pick(remaining, _):
