@@ -1,1 +1,1 @@
-"""Training configurations: one file per PVT v2 variant plus fine-tuning (see common.py)."""
+"""Config files: one per PVT v2 variant plus fine-tuning; the defaults are in pvt_jax/configs/."""

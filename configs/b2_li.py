@@ -1,7 +1,7 @@
-"""PVT v2 b2-Li: see configs/common.py for the modes (`:imagenet` is the official recipe)."""
+"""PVT v2 b2-Li classification; modes in pvt_jax/configs/classification.py (`:imagenet`)."""
 
-from configs import common
+from pvt_jax.configs import classification
 
 
 def get_config(arg=None):
-  return common.get_config("b2_li", arg)
+  return classification.get_config("b2_li", arg)

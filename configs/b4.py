@@ -1,7 +1,7 @@
-"""PVT v2 b4: see configs/common.py for the modes (`:imagenet` is the official recipe)."""
+"""PVT v2 b4 classification; modes in pvt_jax/configs/classification.py (`:imagenet`)."""
 
-from configs import common
+from pvt_jax.configs import classification
 
 
 def get_config(arg=None):
-  return common.get_config("b4", arg)
+  return classification.get_config("b4", arg)

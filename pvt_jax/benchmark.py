@@ -404,13 +404,13 @@ def input_pipeline(s: Settings) -> dict:
   """Images/s of pvt_jax.data's training pipeline with the official ImageNet augmentation, fed
   from the local Fashion-MNIST files (small PNG-free idx images, so decoding is cheap)."""
   try:
-    from configs import common
     from pvt_jax import data
+    from pvt_jax.configs import classification
   except ImportError as e:
     return {"ok": False, "error": f"data pipeline unavailable: {e}"}
   if not hasattr(data, "measure_throughput"):
     return {"ok": False, "error": "pvt_jax.data.measure_throughput does not exist"}
-  config = common.get_config(s.variants[0], "imagenet")
+  config = classification.get_config(s.variants[0], "imagenet")
   config.dataset = "fashion_mnist"
   config.fashion_mnist_dir = s.fashion_mnist_dir
   config.image_size = s.resolution

@@ -26,6 +26,7 @@ from absl import app, flags
 from pvt_jax import data
 from pvt_jax.checkpoints import load_converted
 from pvt_jax.checkpoints.errors import CheckpointError
+from pvt_jax.configs import classification
 from pvt_jax.train import checkpointing, cli, loop, sharding, steps
 from pvt_jax.train.errors import ConfigError
 
@@ -50,9 +51,7 @@ _OVERRIDES = {
 
 
 def _converted_config(metadata: dict) -> ml_collections.ConfigDict:
-  from configs import common  # the repository's configs: the official eval preprocessing
-
-  config = common.get_config(metadata["variant"], "imagenet")
+  config = classification.get_config(metadata["variant"], "imagenet")  # official eval transform
   config.num_classes = metadata["num_classes"]
   config.eval_batch_size = 128
   return config

@@ -4,7 +4,7 @@
   python -m pvt_jax.main --config=configs/b2.py:imagenet --workdir=runs/b2 \\
       --config.data_dir=/data/tfds --config.batch_size=256
 
-`--config=FILE[:ARG]` is a config file (see configs/common.py for ARG); any of its fields can be
+`--config=FILE[:ARG]` is a config file (see pvt_jax/configs/ for ARG); any of its fields can be
 set with `--config.FIELD=VALUE`. A workdir with checkpoints is resumed from its latest one.
 """
 

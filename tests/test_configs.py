@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-from configs import common, finetune
+from configs import finetune
+from pvt_jax.configs import classification
 
 VARIANTS = ("b0", "b1", "b2", "b2_li", "b3", "b4", "b5")
 
@@ -47,7 +48,7 @@ def test_runlocal_shrinks_to_a_smoke_test():
 
 def test_unknown_mode_is_named():
   with pytest.raises(ValueError, match="'fast'"):
-    common.get_config("b0", "imagenet,fast")
+    classification.get_config("b0", "imagenet,fast")
 
 
 def test_finetune_config():
@@ -66,5 +67,5 @@ def test_fields_the_data_module_reads_are_present():
                 "shuffle_buffer", "cache", "num_epochs", "num_train_steps", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps", "grad_accum_steps", "dtype"):
     assert field in c, field
-  assert set(c.aug) == set(common.imagenet_augmentation())
+  assert set(c.aug) == set(classification.imagenet_augmentation())
   assert set(c.mesh) == {"data", "fsdp"}

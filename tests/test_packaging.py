@@ -18,6 +18,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from pvt_jax.configs import classification
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 FIRST_PARTY = {"pvt_jax", "configs", "conftest"}
@@ -217,10 +219,7 @@ def test_repository_is_ruff_clean():
 
 def test_documented_config_overrides_name_real_fields():
   """`--config.FIELD=` in the README and the launchers' usage notes."""
-  spec = importlib.util.spec_from_file_location("configs_common", ROOT / "configs" / "common.py")
-  common = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(common)
-  config = common.get_config("b0")
+  config = classification.get_config("b0")
   docs = README + "".join(p.read_text() for p in sorted((ROOT / "launch").iterdir()))
   overrides = set(re.findall(r"--config\.([\w.]+)=", docs))
   assert len(overrides) > 5

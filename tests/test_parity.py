@@ -22,9 +22,6 @@ TOLERANCE = 5e-5
 DEEP = [(1, 224, 224), (1, 136, 200)]
 SIZES = {"b0": [(2, 224, 224), (2, 200, 296)], "b1": [(2, 224, 224), (2, 200, 296)],
          "b2_li": [(2, 224, 224), (2, 200, 296)], "b2": DEEP, "b3": DEEP, "b4": DEEP, "b5": DEEP}
-# REFERENCE.md: parameters of the official modules with the 1000-class head.
-OFFICIAL_PARAMS = {"b0": 3_666_760, "b1": 14_009_000, "b2": 25_362_856, "b2_li": 22_553_512,
-                   "b3": 45_238_696, "b4": 62_556_072, "b5": 81_956_008}
 FILES = {"official": "pvt_v2.pth", "timm": "model.safetensors", "hf": "hf_model.safetensors"}
 
 
@@ -61,7 +58,8 @@ def test_all_layouts_convert_to_timm_numerics(variant, tmp_path):
   model, variables = converted["official"]
   for layout in ("timm", "hf"):
     jax.tree.map(np.testing.assert_array_equal, converted[layout][1], variables)
-  assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables)) == OFFICIAL_PARAMS[variant]
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(variables))
+  assert count == VARIANTS[variant].official.params
 
   rng = np.random.default_rng(0)
   for batch, height, width in SIZES[variant]:

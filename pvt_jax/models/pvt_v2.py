@@ -18,11 +18,25 @@ from pvt_jax.models import ops
 
 
 @dataclasses.dataclass(frozen=True)
+class Official:
+  """What the official release says of a variant: parameters with the 1000-class head, GMACs at
+  224x224 (the paper's "GFLOPs" column counts multiply-adds), ImageNet-1k top-1 of the released
+  weights, and its training recipe's drop-path rate and gradient-norm clipping (0: none)."""
+  params: int
+  gmacs: float
+  top1: float
+  drop_path_rate: float
+  grad_clip_norm: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Variant:
-  """One row of the paper's Table 1 (C_i, L_i, N_i, E_i, R_i), plus the linear-SRA switch."""
+  """One row of the paper's Table 1 (C_i, L_i, N_i, E_i, R_i), the linear-SRA switch, and the
+  official facts of the released model (the one place configs, tests and benchmarks read them)."""
   embed_dims: Sequence[int]
   depths: Sequence[int]
   mlp_ratios: Sequence[int]
+  official: Official
   num_heads: Sequence[int] = (1, 2, 5, 8)
   sr_ratios: Sequence[int] = (8, 4, 2, 1)
   linear: bool = False
@@ -30,14 +44,17 @@ class Variant:
 
 _WIDE = (64, 128, 320, 512)
 VARIANTS = {
-    "b0": Variant((32, 64, 160, 256), (2, 2, 2, 2), (8, 8, 4, 4)),
-    "b1": Variant(_WIDE, (2, 2, 2, 2), (8, 8, 4, 4)),
-    "b2": Variant(_WIDE, (3, 4, 6, 3), (8, 8, 4, 4)),
-    "b2_li": Variant(_WIDE, (3, 4, 6, 3), (8, 8, 4, 4), linear=True),
-    "b3": Variant(_WIDE, (3, 4, 18, 3), (8, 8, 4, 4)),
-    "b4": Variant(_WIDE, (3, 8, 27, 3), (8, 8, 4, 4)),
-    "b5": Variant(_WIDE, (3, 6, 40, 3), (4, 4, 4, 4)),
+    "b0": Variant((32, 64, 160, 256), (2, 2, 2, 2), (8, 8, 4, 4),
+                  Official(3_666_760, 0.57, 70.5, 0.1)),
+    "b1": Variant(_WIDE, (2, 2, 2, 2), (8, 8, 4, 4), Official(14_009_000, 2.12, 78.7, 0.1)),
+    "b2": Variant(_WIDE, (3, 4, 6, 3), (8, 8, 4, 4), Official(25_362_856, 4.05, 82.0, 0.1)),
+    "b2_li": Variant(_WIDE, (3, 4, 6, 3), (8, 8, 4, 4), Official(22_553_512, 3.91, 82.1, 0.1),
+                     linear=True),
+    "b3": Variant(_WIDE, (3, 4, 18, 3), (8, 8, 4, 4), Official(45_238_696, 6.92, 83.1, 0.3, 1.0)),
+    "b4": Variant(_WIDE, (3, 8, 27, 3), (8, 8, 4, 4), Official(62_556_072, 10.14, 83.6, 0.3, 1.0)),
+    "b5": Variant(_WIDE, (3, 6, 40, 3), (4, 4, 4, 4), Official(81_956_008, 11.76, 83.8, 0.3, 1.0)),
 }
+
 
 # Official init: Linear ~ N(0, .02) truncated at +-2 (absolute, i.e. +-100 std), conv
 # ~ N(0, 2 / fan_out) with fan_out = kh * kw * out_channels // groups, all biases 0.
