@@ -1,6 +1,7 @@
-"""mmdet's detection learning-rate schedule: linear warmup over the first `warmup_steps` steps
-from `warmup_ratio` of the rate (multiplying the schedule, mmdet 2.x's `warmup='linear'` and 3.x's
-`LinearLR`), then x `decay_rate` at the start of each epoch in `decay_epochs` (`MultiStepLR`)."""
+"""The official runs' detection learning-rate schedule (mmdet 2.x, mmcv's `LrUpdaterHook`):
+linear warmup from `warmup_ratio` of the rate at step 0 to all of it at step `warmup_steps`
+(multiplying the rest of the schedule; mmdet 3.x's `LinearLR(end=warmup_steps)` arrives one step
+earlier), and x `decay_rate` at the start of each epoch in `decay_epochs` (`step=[8, 11]`)."""
 
 import jax.numpy as jnp
 import optax
