@@ -95,3 +95,26 @@ def test_gflops_next_to_table6(variant):
   (mmcv's counter counts some elementwise ops differently)."""
   gflops = retinanet.forward_gflops(variant)
   assert abs(gflops / TABLE6_GFLOPS[variant] - 1) < 0.015, gflops
+
+
+def test_gradient_and_prediction_lower_for_tpu_and_gpu_as_plain_xla():
+  """Plain XLA on accelerators: the loss gradient and the prediction (top-k, NMS) lower for
+  TPU and CUDA with no custom calls."""
+  model = retinanet.RetinaNet("b0", 80)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 96, 3)))["params"]
+  spec = jax.ShapeDtypeStruct
+  batch = {"image": spec((2, 64, 96, 3), jnp.float32), "image_size": spec((2, 2), jnp.int32),
+           "boxes": spec((2, 5, 4), jnp.float32), "labels": spec((2, 5), jnp.int32),
+           "box_mask": spec((2, 5), jnp.bool_)}
+
+  def gradient(p, b):
+    def loss_fn(p):
+      return detection.loss(*model.apply({"params": p}, b["image"]), b)[0]
+    return jax.grad(loss_fn)(p)
+
+  def predict(p, b):
+    return detection.predict(*model.apply({"params": p}, b["image"]), b["image_size"])
+
+  for fn in (gradient, predict):
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu", "cuda"])(params, batch)
+    assert "stablehlo.custom_call" not in exported.mlir_module()
