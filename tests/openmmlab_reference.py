@@ -90,7 +90,7 @@ def flax_variables(state_dict: dict, prefix: str = "") -> dict:
         parts[-1] += f"_{part}"
       else:
         parts.append(part)
-    value = tensor.detach().numpy()
+    value = tensor.detach().numpy().copy()  # torch updates BN buffers in place
     *path, leaf = parts
     collection = "params"
     if leaf == "weight":
