@@ -6,8 +6,6 @@ mmdet needs mmcv's compiled ops only for NMS here: a stub `mmcv._ext` lets it im
 """
 
 import math
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,8 @@ torchvision = pytest.importorskip("torchvision")
 
 pytestmark = pytest.mark.torch
 
+from openmmlab_reference import mmdet_necks  # noqa: E402
+
 from pvt_jax import detection  # noqa: E402
 from pvt_jax.detection import anchor_head  # noqa: E402
 
@@ -27,24 +27,10 @@ STRIDES = (8, 16, 32, 64, 128)
 
 
 def _mmdet():
-  """mmdet's modules, importable without mmcv's compiled extension."""
-  if "mmcv._ext" not in sys.modules:
-    stub = types.ModuleType("mmcv._ext")
-
-    def __getattr__(name):
-      if name.startswith("__"):
-        raise AttributeError(name)
-
-      def missing(*args, **kwargs):
-        raise RuntimeError(f"mmcv compiled op {name} is not available")
-      return missing
-
-    stub.__getattr__ = __getattr__
-    sys.modules["mmcv._ext"] = stub
-  mmdet = pytest.importorskip("mmdet")
+  """mmdet with its modules registered (the mmcv._ext stub comes with openmmlab_reference)."""
+  mmdet_necks()
   from mmdet.utils import register_all_modules
   register_all_modules()
-  return mmdet
 
 
 def _torchvision_batched_nms(boxes, scores, idxs, nms_cfg, class_agnostic=False):

@@ -21,6 +21,7 @@ from pvt_jax.models import create_model
 from pvt_jax.models.fpn import FPN
 
 head_init = nn.initializers.normal(stddev=0.01)
+NUM_ANCHORS = 9  # 3 octave scales x 3 aspect ratios per location
 
 
 def prior_bias(probability: float):
@@ -28,38 +29,48 @@ def prior_bias(probability: float):
   return nn.initializers.constant(-math.log((1 - probability) / probability))
 
 
+def _conv3x3(features, name, bias_init=nn.initializers.zeros, dtype=jnp.float32):
+  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=head_init,
+                 bias_init=bias_init, dtype=dtype, name=name)
+
+
+class TowerConv(nn.Module):
+  """One 3x3 conv + ReLU of a head tower: mmcv's `ConvModule` (no norm), hence its conv is a
+  child `conv` as in the checkpoints (`cls_convs.{i}.conv.weight`)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(_conv3x3(self.features, "conv", dtype=self.dtype)(x))
+
+
 class RetinaHead(nn.Module):
   """Per level: two towers of `stacked_convs` 3x3 conv + ReLU, then a 3x3 conv to
   num_anchors * num_classes logits and one to num_anchors * 4 box deltas (NHWC, channel
   a * C + c as mmdet's). The same weights serve every level."""
   num_classes: int = 80
-  num_anchors: int = 9
+  num_anchors: int = NUM_ANCHORS
   feat_channels: int = 256
   stacked_convs: int = 4
   prior_prob: float = 0.01
   dtype: Any = jnp.float32
 
-  def _conv(self, features, name, bias_init=nn.initializers.zeros):
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=head_init,
-                   bias_init=bias_init, dtype=self.dtype, name=name)
-
   @nn.compact
   def __call__(self, levels) -> tuple[list, list]:
     """(per-level logits [B, H, W, A*C], per-level deltas [B, H, W, A*4])."""
-    cls_convs = [self._conv(self.feat_channels, f"cls_convs_{i}") for i in
-                 range(self.stacked_convs)]
-    reg_convs = [self._conv(self.feat_channels, f"reg_convs_{i}") for i in
-                 range(self.stacked_convs)]
-    retina_cls = self._conv(self.num_anchors * self.num_classes, "retina_cls",
-                            prior_bias(self.prior_prob))
-    retina_reg = self._conv(self.num_anchors * 4, "retina_reg")
+    towers = {branch: [TowerConv(self.feat_channels, self.dtype, name=f"{branch}_convs_{i}")
+                       for i in range(self.stacked_convs)] for branch in ("cls", "reg")}
+    retina_cls = _conv3x3(self.num_anchors * self.num_classes, "retina_cls",
+                          prior_bias(self.prior_prob), self.dtype)
+    retina_reg = _conv3x3(self.num_anchors * 4, "retina_reg", dtype=self.dtype)
     cls_maps, box_maps = [], []
     for x in levels:
       cls, reg = x, x
-      for conv in cls_convs:
-        cls = nn.relu(conv(cls))
-      for conv in reg_convs:
-        reg = nn.relu(conv(reg))
+      for conv in towers["cls"]:
+        cls = conv(cls)
+      for conv in towers["reg"]:
+        reg = conv(reg)
       cls_maps.append(retina_cls(cls))
       box_maps.append(retina_reg(reg))
     return cls_maps, box_maps
@@ -82,6 +93,11 @@ class RetinaNet(nn.Module):
   def __call__(self, images, train: bool = False):
     """images [B, H, W, 3] (normalised, zero-padded) -> (cls maps, box maps), five levels each."""
     return self.bbox_head(self.neck(self.backbone.features(images, train)))
+
+
+def create_retinanet(variant: str, num_classes: int = 80, **kwargs) -> RetinaNet:
+  """The detector of the official configs; kwargs: drop_path_rate, dtype."""
+  return RetinaNet(variant, num_classes, **kwargs)
 
 
 def param_shapes(variant: str, num_classes: int = 80) -> dict:
