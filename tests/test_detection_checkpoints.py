@@ -9,12 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from absl import flags  # noqa: E402
 from openmmlab_reference import nchw, nhwc, randomize_  # noqa: E402
+from test_convert import run_convert  # noqa: E402
 from test_detection_mmdet import _mmdet  # noqa: E402
 from torch_reference import random_timm_model, save, state_dict_in  # noqa: E402
 
-from pvt_jax import convert  # noqa: E402
 from pvt_jax.checkpoints import (  # noqa: E402
     load_converted,
     load_pretrained,
@@ -26,13 +25,6 @@ from pvt_jax.models.retinanet import RetinaNet  # noqa: E402
 
 pytestmark = pytest.mark.torch
 NUM_CLASSES = 6
-
-
-def run_convert(*args):
-  flag_values = flags.FlagValues()
-  convert.define_flags(flag_values)
-  flag_values(["convert", *args])
-  return convert.run(flag_values)
 
 
 def mmdet_reference(variant, seed):

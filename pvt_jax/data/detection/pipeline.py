@@ -24,7 +24,6 @@ import functools
 import itertools
 import math
 
-import jax
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -35,6 +34,7 @@ from pvt_jax.data.detection.index import DetectionSplit, check_max_boxes
 from pvt_jax.data.detection.synthetic import SyntheticSettings, open_synthetic_split
 from pvt_jax.data.detection.tfds_source import open_tfds_split
 from pvt_jax.data.errors import DatasetError
+from pvt_jax.data.pipeline import _local_batch, _process  # the classification pipeline's rules
 
 # Bound at import: the except clause below can run at interpreter exit, when `tf` may be gone.
 _DecodeError = tf.errors.InvalidArgumentError
@@ -132,19 +132,6 @@ def epoch_schedule(canvases: np.ndarray, global_batch: int, seed: int, epoch: in
 
 def steps_per_epoch(canvases: np.ndarray, global_batch: int) -> int:
   return int((np.bincount(canvases) // global_batch).sum())
-
-
-def _process(process_index, process_count):
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  return index, count
-
-
-def _local_batch(global_batch: int, count: int, what: str) -> int:
-  if global_batch <= 0 or global_batch % count:
-    raise DatasetError(f"{what}={global_batch} must be a positive multiple of the process "
-                       f"count {count}")
-  return global_batch // count
 
 
 def dataset_info(config) -> DetectionInfo:
