@@ -10,7 +10,8 @@ from pvt_jax.detection import schedule
 
 def test_coco_mode_is_the_official_recipe():
   c = retinanet.get_config("b2,coco")
-  assert (c.task, c.variant, c.dataset, c.drop_path_rate) == ("detection", "b2", "coco", 0.1)
+  assert (c.task, c.variant, c.dataset, c.drop_path_rate) == (
+      "detection", "b2", "coco:data/coco", 0.1)
   assert (c.train_split, c.eval_split, c.image_scale) == ("train2017", "val2017", (1333, 800))
   assert (c.batch_size, c.num_epochs, c.aug.hflip, tuple(c.aug.multiscale_short)) == (
       16, 12, 0.5, ())

@@ -5,13 +5,14 @@ Modes (after the colon of `configs/retinanet.py:<variant>,<modes>`):
 
   (none)     quick offline run: 128 px canvases of 1-4 Fashion-MNIST garments (10 classes), batch
              16, a few hundred steps on a CPU; COCO AP on its 500 val images.
-  coco       the official `retinanet_pvt_v2_*_fpn_1x_coco.py`: COCO 2017 (release layout under
-             `coco_dir`), short side 800 / long side <= 1333, flip 0.5, AdamW lr 1e-4 wd 1e-4,
+  coco       the official `retinanet_pvt_v2_*_fpn_1x_coco.py`: COCO 2017 (release layout, by
+             default in data/coco as mmdet's configs have it; `--config.dataset=coco:/path`),
+             short side 800 / long side <= 1333, flip 0.5, AdamW lr 1e-4 wd 1e-4,
              batch 16, 12 epochs, lr x0.1 at epochs 8 and 11 after a 500-step linear warmup.
   3x         36 epochs, steps at 27 and 33, multi-scale training (short side 640-800).
   runlocal   shrink whatever was chosen to a smoke test.
 
-e.g. `--config=configs/retinanet.py:b2,coco --config.coco_dir=/data/coco`.
+e.g. `--config=configs/retinanet.py:b2,coco --config.dataset=coco:/data/coco`.
 """
 
 import ml_collections
@@ -30,9 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.drop_path_rate = 0.1  # the official detection backbones use 0.1 for every variant
 
   # Data (pvt_jax/data/detection): "fashion_mnist", "coco:<root>" (COCO layout) or
-  # "tfds:coco/2017"; coco_dir is the root the coco mode uses.
-  c.coco_dir = ml_collections.config_dict.placeholder(str)
-  c.dataset = "coco"
+  # "tfds:coco/2017".
+  c.dataset = "coco:data/coco"
   c.train_split, c.eval_split = "train2017", "val2017"
   c.image_scale = (1333, 800)  # mmdet's Resize scale: long side <= 1333, short side 800
   c.canvas_sizes = ((800, 1344), (1344, 800))  # fixed shapes: landscape and portrait
