@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from configs import retinanet
+from pvt_jax import detection
 from pvt_jax.detection import schedule
 
 
@@ -22,6 +23,9 @@ def test_coco_mode_is_the_official_recipe():
       500, 0.001, (8, 11), 0.1)
   d = c.detection
   assert (d.nms_pre, d.score_thr, d.iou_threshold, d.max_per_img) == (1000, 0.05, 0.5, 100)
+  settings = detection.RetinaNetSettings.from_config(c)
+  assert settings.images_per_group == 2 and settings.inference == detection.InferenceSettings()
+  assert settings.assigner == detection.MaxIoUAssigner(0.5, 0.4, 0.0)
   three = retinanet.get_config("b2,coco,3x")
   assert (three.num_epochs, tuple(three.optimizer.decay_epochs)) == (36, (27, 33))
   assert tuple(three.aug.multiscale_short) == (640, 800)

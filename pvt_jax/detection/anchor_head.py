@@ -32,6 +32,14 @@ class RetinaNetSettings:
   images_per_group: int | None = None  # loss normaliser groups (see losses.normalise)
   inference: InferenceSettings = InferenceSettings()
 
+  @classmethod
+  def from_config(cls, config) -> "RetinaNetSettings":
+    """The settings a detection config (pvt_jax/configs/detection.py) chooses."""
+    d = config.detection
+    return cls(size_divisor=config.size_divisor, images_per_group=d.images_per_group,
+               inference=InferenceSettings(d.nms_pre, d.score_thr, d.iou_threshold,
+                                           d.max_per_img))
+
 
 def flatten_levels(cls_maps, box_maps, num_anchors: int):
   """Per-level NHWC head maps [B, H, W, A*C] / [B, H, W, A*4] -> lists of [B, H*W*A, C] and
