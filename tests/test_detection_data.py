@@ -89,6 +89,11 @@ def test_coco_layout_round_trip_and_bad_input(fashion_config, tmp_path, caplog):
     coco.open_coco_split(root, "val2017")
   with pytest.raises(DatasetError, match="no such annotation file"):
     coco.open_coco_split(root, "train2017")
+  truth["annotations"][0].pop("area")
+  with open(path, "w") as f:
+    json.dump(truth, f)
+  with pytest.raises(DatasetError, match="lacks area"):
+    coco.open_coco_split(root, "val2017")
   with open(path, "w") as f:
     f.write("{not json")
   with pytest.raises(DatasetError, match="not a JSON file"):

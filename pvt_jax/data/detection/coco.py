@@ -29,6 +29,12 @@ COCO_CATEGORIES = tuple(zip(
      "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"), strict=True))
 
 
+# What COCOeval and the pipeline read of each entry.
+_REQUIRED = {"images": ("id", "height", "width", "file_name"),
+             "annotations": ("id", "image_id", "category_id", "bbox", "area"),
+             "categories": ("id", "name")}
+
+
 def layout_paths(root: str, split: str) -> tuple[str, str]:
   """(annotation json, image directory) of `split` in the release layout under `root`."""
   return (os.path.join(root, "annotations", f"instances_{split}.json"),
@@ -47,6 +53,12 @@ def _load_json(path: str) -> dict:
   missing = [key for key in ("images", "annotations", "categories") if key not in data]
   if missing or not isinstance(data.get("images"), list):
     raise DatasetError(f"{path}: not a COCO detection file (lacks {', '.join(missing)})")
+  for what, fields in _REQUIRED.items():
+    for entry in data[what]:
+      lacking = [field for field in fields if field not in entry]
+      if lacking:
+        raise DatasetError(f"{path}: an entry of {what} ({str(entry)[:60]}) lacks "
+                           f"{', '.join(lacking)}")
   return data
 
 
@@ -72,7 +84,7 @@ def open_coco_split(root: str, split: str) -> DetectionSplit:
     anns = per_image[int(image["id"])]
     height, width = int(image["height"]), int(image["width"])
     b, lab = cleaner([a["bbox"] for a in anns], [a["category_id"] for a in anns],
-                     [a.get("iscrowd", 0) for a in anns], [a.get("area", 1) for a in anns],
+                     [a.get("iscrowd", 0) for a in anns], [a["area"] for a in anns],
                      height, width)
     boxes.append(b)
     labels.append(lab)
