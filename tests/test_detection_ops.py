@@ -1,6 +1,10 @@
 """pvt_jax.detection's box ops, NMS, focal loss and assignment against independent references
 (NumPy, torchvision) and their defining properties."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +147,41 @@ def test_against_torchvision():
                          torch.from_numpy(classes), 0.5).numpy()
   kept, found = detection.batched_nms(boxes, scores, classes, np.ones(500, bool), 0.5, 500)
   np.testing.assert_array_equal(kept[:int(found.sum())], want)
+
+
+_SHARDED = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pvt_jax import detection
+rng = np.random.default_rng(0)
+sizes = [(8, 10), (4, 5), (2, 3), (1, 2), (1, 1)]
+cls = [rng.normal(-2, 1, (4, h, w, 27)).astype(np.float32) for h, w in sizes]
+box = [rng.normal(0, 0.3, (4, h, w, 36)).astype(np.float32) for h, w in sizes]
+batch = {"image_size": np.array([[64, 80], [50, 70], [64, 64], [33, 80]], np.int32),
+         "boxes": np.tile(np.array([[[4, 4, 40, 30], [30, 10, 60, 50]]], np.float32), (4, 1, 1)),
+         "labels": np.array([[0, 2]] * 4, np.int32),
+         "box_mask": np.array([[1, 0], [1, 1]] * 2, bool)}
+settings = detection.RetinaNetSettings(images_per_group=2)
+def run(fn, *args):
+  return jax.device_get(jax.jit(fn, static_argnums=len(args) - 1)(*args))
+want_loss = run(detection.loss, cls, box, batch, settings)
+want_det = run(detection.predict, cls, box, batch["image_size"], settings)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+cls, box, batch = jax.tree.map(shard, (cls, box, batch))
+got_loss = run(detection.loss, cls, box, batch, settings)
+got_det = run(detection.predict, cls, box, batch["image_size"], settings)
+assert len(jax.devices()) == 2
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), want_loss, got_loss)
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), want_det, got_det)
+print("ok")
+"""
+
+
+def test_loss_and_detections_equal_on_one_and_two_devices():
+  """Batch-sharded over 2 CPU devices (normaliser groups of 2 images): same loss, detections."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
