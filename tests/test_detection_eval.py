@@ -109,10 +109,13 @@ def test_drawing_writes_a_png(eval_config, tmp_path):
   batch = next(iter(data.eval_iterator(eval_config)))
   out = _detections([batch], split)[0]
   images = transforms.to_uint8(batch["image"][:2], batch["image_size"][:2])
+  evaluator = evaluation.CocoEvaluator(split.ground_truth, split.category_ids)
+  truth = evaluator.ground_truth_boxes(batch["image_id"][:2], batch["scale_factor"][:2])
+  for key in ("boxes", "labels"):  # the detections are the ground truth
+    np.testing.assert_allclose(truth[key][truth["box_mask"]],
+                               out[key][:2][out["valid"][:2]], atol=1e-4)
   path = str(tmp_path / "boxes.png")
-  evaluation.draw_detections(path, images, out, split.class_names,
-                             ground_truth={"boxes": out["boxes"], "labels": out["labels"],
-                                           "box_mask": out["valid"]})
+  evaluation.draw_detections(path, images, out, split.class_names, ground_truth=truth)
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(path) > 1000

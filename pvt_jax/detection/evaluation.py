@@ -82,6 +82,24 @@ class CocoEvaluator:
     return {**{name: float(v) for name, v in zip(METRICS, evaluation.stats, strict=False)},
             **counts}
 
+  def ground_truth_boxes(self, image_ids, scale_factors) -> dict:
+    """The images' ground truth in resized-image pixels, for `draw_detections`: 'boxes'
+    [n, G, 4], 'labels', 'box_mask' [n, G] (G the most boxes of one of them)."""
+    contiguous = {int(c): k for k, c in enumerate(self.category_ids)}
+    per_image = [[a for a in self.coco.imgToAnns[int(i)] if int(a["category_id"]) in contiguous]
+                 for i in image_ids]
+    count = max([len(anns) for anns in per_image] + [1])
+    out = {"boxes": np.zeros((len(per_image), count, 4), np.float32),
+           "labels": np.zeros((len(per_image), count), np.int32),
+           "box_mask": np.zeros((len(per_image), count), bool)}
+    for k, (anns, scale) in enumerate(zip(per_image, scale_factors, strict=True)):
+      for n, ann in enumerate(anns):
+        x, y, w, h = ann["bbox"]
+        out["boxes"][k, n] = np.array([x, y, x + w, y + h]) * np.tile(scale, 2)
+        out["labels"][k, n] = contiguous[int(ann["category_id"])]
+        out["box_mask"][k, n] = True
+    return out
+
   def save_detections(self, path: str) -> None:
     """The detections in COCO results format (what COCOeval and the COCO server read)."""
     with open(path, "w") as f:
