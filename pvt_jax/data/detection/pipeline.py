@@ -244,12 +244,14 @@ def eval_iterator(config, *, process_index: int | None = None, process_count: in
                "image_id": tf.TensorSpec([], tf.int32), "mask": tf.TensorSpec([], tf.bool)}
 
   def load(example):
-    image = tf.cond(
-        example["mask"],
-        lambda: transforms.prepare_image(split.reader.read(example["index"]),
-                                         example["new_size"], tf.constant(False),
-                                         example["canvas"]),
-        lambda: tf.zeros(tf.concat([example["canvas"], [3]], 0)))
+    def real():
+      return transforms.prepare_image(split.reader.read(example["index"]), example["new_size"],
+                                      tf.constant(False), example["canvas"])
+
+    def padding():
+      return tf.zeros(tf.concat([example["canvas"], [3]], 0))
+
+    image = tf.cond(example["mask"], real, padding)
     return {"image": image, "image_size": example["new_size"],
             "scale_factor": example["scale_factor"], "image_id": example["image_id"],
             "mask": example["mask"]}
