@@ -92,12 +92,13 @@ def test_loss_groups_are_per_image_normalisations():
            "boxes": np.array([[[2, 2, 20, 25], [8, 0, 30, 12]], [[3, 3, 15, 15], [0, 0, 0, 0]]],
                              np.float32),
            "labels": np.array([[0, 2], [1, 0]]), "box_mask": np.array([[1, 1], [1, 0]], bool)}
+  loss = jax.jit(detection.loss, static_argnums=3)
   one = detection.RetinaNetSettings(images_per_group=1)
-  grouped = detection.loss(cls, box, batch, one)[0]
-  alone = [detection.loss([c[i:i + 1] for c in cls], [b[i:i + 1] for b in box],
-                          jax.tree.map(lambda x, i=i: x[i:i + 1], batch))[0] for i in range(2)]
+  grouped = loss(cls, box, batch, one)[0]
+  alone = [loss([c[i:i + 1] for c in cls], [b[i:i + 1] for b in box],
+                jax.tree.map(lambda x, i=i: x[i:i + 1], batch), one)[0] for i in range(2)]
   np.testing.assert_allclose(grouped, np.mean(alone), rtol=1e-6)
-  whole = detection.loss(cls, box, batch)[1]
+  whole = loss(cls, box, batch, detection.RetinaNetSettings())[1]
   assert whole["num_pos"] >= 3
   with pytest.raises(ValueError, match="groups of 3"):
     losses.normalise(jnp.ones(4), jnp.ones(4), 3)
