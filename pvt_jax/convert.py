@@ -11,10 +11,17 @@ detected from their keys and convert the same way, to {'params', 'batch_stats'}:
 
   python -m pvt_jax.convert --input=fpn_pvtv2_b2_ade20k.pth --output=ckpt/fpn_b2
 
+RetinaNet checkpoints in mmdet's layout (`backbone.*`, `neck.lateral_convs.*`, `neck.fpn_convs.*`,
+`bbox_head.{cls_convs,reg_convs,retina_cls,retina_reg}.*`; e.g. the official
+`retinanet_pvt_v2_b2_fpn_1x_coco.pth`) likewise, the classes counted from `retina_cls`:
+
+  python -m pvt_jax.convert --input=retinanet_pvt_v2_b2_fpn_1x_coco.pth --output=ckpt/retina_b2
+
 Export a converted checkpoint (.safetensors needs no torch; .pth/.pt/.bin need torch):
 
   python -m pvt_jax.convert --export=official|timm|hf --input=ckpt/b2 --output=b2.safetensors
   python -m pvt_jax.convert --export=mmseg --input=ckpt/fpn_b2 --output=fpn_b2.pth
+  python -m pvt_jax.convert --export=mmdet --input=ckpt/retina_b2 --output=retina_b2.pth
 
 Notes:
   * --num_classes different from the checkpoint's head drops the head; the metadata records the
@@ -59,7 +66,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     f"{verify.TOLERANCE:g}.", flag_values=flag_values)
   flags.DEFINE_enum("export", None, [*checkpoints.FORMATS, *DENSE_LAYOUTS], "Write the "
                     "converted checkpoint --input as a PyTorch state dict in this layout "
-                    "(classification: official/timm/hf; segmentation: mmseg).",
+                    "(classification: official/timm/hf; segmentation: mmseg; detection: mmdet).",
                     flag_values=flag_values)
   flags.mark_flags_as_required(["input", "output"], flag_values=flag_values)
 
@@ -120,7 +127,7 @@ def _convert_dense(conversion: DenseConversion, input_path, output, num_classes,
   metadata = {**_metadata(conversion, input_path, conversion.num_classes),
               "num_batches_tracked": conversion.num_batches_tracked}
   checkpoints.save_converted(output, conversion.variables["params"], metadata,
-                             batch_stats=conversion.variables.get("batch_stats", {}))
+                             batch_stats=conversion.variables.get("batch_stats"))  # none: no BN
   print(f"wrote {output}: {conversion.source_format} {conversion.task}, pvt_v2_"
         f"{conversion.variant} backbone, {conversion.num_classes} classes")
 

@@ -6,7 +6,7 @@
   ckpt = load_converted("b2_converted")                # params + metadata, e.g. for init_from
   params = replace_head(ckpt.params, num_classes=10, rng=jax.random.key(0))
 
-Dense-prediction checkpoints (mmseg Semantic FPN; `dense.py`) convert with `convert_any_file`
+Dense checkpoints (mmseg Semantic FPN, mmdet RetinaNet; `dense.py`) convert with `convert_any_file`
 into {'params', 'batch_stats'}; `with_backbone` puts a classification checkpoint's weights into a
 dense model's backbone (the paper's ImageNet initialisation).
 """

@@ -3,7 +3,8 @@
 An OpenMMLab detector or segmentor state dict is `backbone.*` (the official PVT v2 names) plus its
 neck and head modules. A layout here is one row of `DENSE_LAYOUTS`: the key prefixes that identify
 it, the key whose rows count the classes, the task, and the model to build; every other name
-follows from one rule, so adding a layout (mmdet RetinaNet: `neck.*`, `bbox_head.*`) is a row:
+follows from one rule, so each layout is a row (mmseg Semantic FPN: `neck.*`, `decode_head.*`;
+mmdet RetinaNet: `neck.*`, `bbox_head.*`, its classifier a row per anchor and class):
 
   backbone.<official key>             -> params/backbone/...   (the classification converter)
   neck.fpn_convs.3.conv.weight        -> params/neck/fpn_convs_3/conv/kernel  (HWIO)
@@ -27,6 +28,7 @@ from pvt_jax.checkpoints import conversion, layouts
 from pvt_jax.checkpoints.errors import CheckpointError
 from pvt_jax.checkpoints.files import read_state_dict
 from pvt_jax.models import VARIANTS
+from pvt_jax.models.retinanet import NUM_ANCHORS, create_retinanet
 from pvt_jax.models.semantic_fpn import create_semantic_fpn, init_shapes
 
 BACKBONE = "backbone."
@@ -40,13 +42,17 @@ class DenseLayout:
   name: str  # the --export name and the converted checkpoint's source_format
   task: str  # config.task of the model
   prefixes: tuple[str, ...]  # top-level modules besides the backbone (all must be present)
-  classifier: str  # the key whose first dimension is the number of classes
+  classifier: str  # the key whose first dimension counts the classes
   create_model: Callable  # (variant, num_classes) -> the flax model
+  rows_per_class: int = 1  # the classifier's rows per class (RetinaNet: one per anchor)
 
 
 DENSE_LAYOUTS = {
     "mmseg": DenseLayout("mmseg", "segmentation", ("neck.", "decode_head."),
                          "decode_head.conv_seg.weight", create_semantic_fpn),
+    "mmdet": DenseLayout("mmdet", "detection", ("neck.", "bbox_head."),
+                         "bbox_head.retina_cls.weight", create_retinanet,
+                         rows_per_class=NUM_ANCHORS),
 }
 
 
@@ -157,7 +163,7 @@ def convert_state_dict(state_dict: dict, variant: str | None = None) -> DenseCon
     raise CheckpointError(f"unknown variant {chosen!r}; choose one of {', '.join(VARIANTS)}")
   if layout.classifier not in tensors:
     raise CheckpointError(f"missing key {layout.classifier} ({layout.name} layout)")
-  num_classes = int(tensors[layout.classifier].shape[0])
+  num_classes = int(tensors[layout.classifier].shape[0]) // layout.rows_per_class
   expected = expected_shapes(layout, chosen, num_classes)
   try:
     conversion.check_keys(tensors, expected, f"{layout.name} {layout.task} pvt_v2_{chosen}")
