@@ -5,9 +5,23 @@ weights; .pth/.pt/.bin or .safetensors; layout and variant are detected from the
 
   python -m pvt_jax.convert --input=pvt_v2_b2.pth --output=ckpt/b2 [--variant=b2] [--verify]
 
+Semantic FPN checkpoints in mmseg's layout (`backbone.*` with the official PVT v2 names,
+`neck.*`, `decode_head.*` incl. BN statistics; raw or wrapped as {'meta', 'state_dict'}) are
+detected from their keys and convert the same way, to {'params', 'batch_stats'}:
+
+  python -m pvt_jax.convert --input=fpn_pvtv2_b2_ade20k.pth --output=ckpt/fpn_b2
+
+RetinaNet checkpoints in mmdet's layout (`backbone.*`, `neck.lateral_convs.*`, `neck.fpn_convs.*`,
+`bbox_head.{cls_convs,reg_convs,retina_cls,retina_reg}.*`; e.g. the official
+`retinanet_pvt_v2_b2_fpn_1x_coco.pth`) likewise, the classes counted from `retina_cls`:
+
+  python -m pvt_jax.convert --input=retinanet_pvt_v2_b2_fpn_1x_coco.pth --output=ckpt/retina_b2
+
 Export a converted checkpoint (.safetensors needs no torch; .pth/.pt/.bin need torch):
 
   python -m pvt_jax.convert --export=official|timm|hf --input=ckpt/b2 --output=b2.safetensors
+  python -m pvt_jax.convert --export=mmseg --input=ckpt/fpn_b2 --output=fpn_b2.pth
+  python -m pvt_jax.convert --export=mmdet --input=ckpt/retina_b2 --output=retina_b2.pth
 
 Notes:
   * --num_classes different from the checkpoint's head drops the head; the metadata records the
@@ -29,7 +43,7 @@ import sys
 from absl import app, flags, logging
 
 from pvt_jax import checkpoints
-from pvt_jax.checkpoints import CheckpointError, verify
+from pvt_jax.checkpoints import DENSE_LAYOUTS, CheckpointError, DenseConversion, dense, verify
 from pvt_jax.models import VARIANTS
 
 
@@ -50,8 +64,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_bool("verify", False, "Compare with timm's PyTorch model on a random batch (needs "
                     "torch and timm); fail if logits or stage maps differ by more than "
                     f"{verify.TOLERANCE:g}.", flag_values=flag_values)
-  flags.DEFINE_enum("export", None, list(checkpoints.FORMATS), "Write the converted checkpoint "
-                    "--input as a PyTorch state dict in this layout.", flag_values=flag_values)
+  flags.DEFINE_enum("export", None, [*checkpoints.FORMATS, *DENSE_LAYOUTS], "Write the "
+                    "converted checkpoint --input as a PyTorch state dict in this layout "
+                    "(classification: official/timm/hf; segmentation: mmseg; detection: mmdet).",
+                    flag_values=flag_values)
   flags.mark_flags_as_required(["input", "output"], flag_values=flag_values)
 
 
@@ -68,16 +84,15 @@ def convert(input_path, output, variant=None, num_classes=None, check=False) -> 
     raise CheckpointError("already exists; remove it or choose another output", output)
   if check and not verify.timm_available():
     raise CheckpointError("--verify needs torch and timm (pip install pvt_jax[test])")
-  conversion = checkpoints.convert_file(input_path, variant)
+  conversion = checkpoints.convert_any_file(input_path, variant)
+  if isinstance(conversion, DenseConversion):
+    return _convert_dense(conversion, input_path, output, num_classes, check)
   params = conversion.params
   if num_classes is None:
     num_classes = conversion.num_classes
   elif num_classes != conversion.num_classes:
     params = checkpoints.replace_head(params, 0)
-  metadata = {"variant": conversion.variant, "num_classes": num_classes,
-              "source_file": os.path.abspath(input_path),
-              "source_sha256": checkpoints.sha256(input_path),
-              "source_format": conversion.source_format}
+  metadata = _metadata(conversion, input_path, num_classes)
   checkpoints.save_converted(output, params, metadata)
   head = ("with head" if "head" in params else
           "no head" if num_classes == 0 else "head dropped, a new one is initialised on load")
@@ -93,11 +108,55 @@ def convert(input_path, output, variant=None, num_classes=None, check=False) -> 
       raise
 
 
+def _metadata(conversion, input_path, num_classes) -> dict:
+  return {"variant": conversion.variant, "num_classes": num_classes, "task": conversion.task,
+          "source_file": os.path.abspath(input_path),
+          "source_sha256": checkpoints.sha256(input_path),
+          "source_format": conversion.source_format}
+
+
+def _convert_dense(conversion: DenseConversion, input_path, output, num_classes, check) -> None:
+  """A dense checkpoint: params and BN statistics; its BN counters go into the metadata, so that
+  --export writes the file back as it was."""
+  if check:
+    raise CheckpointError("--verify compares with timm's classifier; it does not apply to "
+                          f"{conversion.source_format} {conversion.task} checkpoints")
+  if num_classes not in (None, conversion.num_classes):
+    raise CheckpointError(f"--num_classes={num_classes}: a {conversion.task} checkpoint keeps "
+                          f"its {conversion.num_classes} classes (fine-tune with init_from)")
+  metadata = {**_metadata(conversion, input_path, conversion.num_classes),
+              "num_batches_tracked": conversion.num_batches_tracked}
+  checkpoints.save_converted(output, conversion.variables["params"], metadata,
+                             batch_stats=conversion.variables.get("batch_stats"))  # none: no BN
+  print(f"wrote {output}: {conversion.source_format} {conversion.task}, pvt_v2_"
+        f"{conversion.variant} backbone, {conversion.num_classes} classes")
+
+
+def _export_dense(checkpoint, output, fmt) -> None:
+  layout = DENSE_LAYOUTS[fmt]
+  if checkpoint.task != layout.task:
+    raise CheckpointError(f"a {checkpoint.task} checkpoint cannot be exported in the {fmt} "
+                          f"{layout.task} layout")
+  state_dict = dense.export_state_dict(checkpoint.variables, fmt,
+                                       checkpoint.metadata.get("num_batches_tracked"))
+  checkpoints.write_state_dict(output, state_dict)
+  print(f"wrote {output}: {fmt} layout, {layout.task}, pvt_v2_{checkpoint.metadata['variant']} "
+        f"backbone, {checkpoint.metadata['num_classes']} classes")
+
+
 def export(input_dir, output, fmt, check=False) -> None:
   """Converted checkpoint directory -> PyTorch state dict file in the `fmt` layout."""
+  checkpoint = checkpoints.load_converted(input_dir)
+  if fmt in DENSE_LAYOUTS or checkpoint.task != "classification":
+    if check:
+      raise CheckpointError(f"--verify does not apply to {checkpoint.task} checkpoints")
+    if fmt not in DENSE_LAYOUTS:
+      raise CheckpointError(f"a {checkpoint.task} checkpoint exports to "
+                            + "/".join(n for n, lay in DENSE_LAYOUTS.items()
+                                       if lay.task == checkpoint.task) + f", not {fmt}")
+    return _export_dense(checkpoint, output, fmt)
   if check and not verify.timm_available():
     raise CheckpointError("--verify needs torch and timm (pip install pvt_jax[test])")
-  checkpoint = checkpoints.load_converted(input_dir)
   checkpoints.write_state_dict(output, checkpoints.export_state_dict(checkpoint.params, fmt))
   print(f"wrote {output}: {fmt} layout, pvt_v2_{checkpoint.metadata['variant']}, "
         f"{checkpoints.num_head_classes(checkpoint.params)} classes")

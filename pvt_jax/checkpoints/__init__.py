@@ -5,6 +5,10 @@
   model, variables = load_pretrained("b2_converted")  # or directly a .pth/.safetensors file
   ckpt = load_converted("b2_converted")                # params + metadata, e.g. for init_from
   params = replace_head(ckpt.params, num_classes=10, rng=jax.random.key(0))
+
+Dense checkpoints (mmseg Semantic FPN, mmdet RetinaNet; `dense.py`) convert with `convert_any_file`
+into {'params', 'batch_stats'}; `with_backbone` puts a classification checkpoint's weights into a
+dense model's backbone (the paper's ImageNet initialisation).
 """
 
 from pvt_jax.checkpoints.conversion import (
@@ -13,6 +17,12 @@ from pvt_jax.checkpoints.conversion import (
     convert_state_dict,
     detect_variant,
     export_state_dict,
+)
+from pvt_jax.checkpoints.dense import (
+    DENSE_LAYOUTS,
+    DenseConversion,
+    convert_any_file,
+    with_backbone,
 )
 from pvt_jax.checkpoints.errors import CheckpointError
 from pvt_jax.checkpoints.files import read_state_dict, sha256, write_state_dict
@@ -29,9 +39,9 @@ from pvt_jax.checkpoints.store import (
 )
 
 __all__ = [
-    "FORMATS", "FORMAT_VERSION", "METADATA_KEYS", "CheckpointError", "Conversion",
-    "ConvertedCheckpoint", "convert_file", "convert_state_dict", "detect_format",
-    "detect_variant", "export_state_dict", "load_converted", "load_pretrained",
-    "num_head_classes", "read_state_dict", "replace_head", "save_converted", "sha256",
-    "write_state_dict",
+    "DENSE_LAYOUTS", "FORMATS", "FORMAT_VERSION", "METADATA_KEYS", "CheckpointError",
+    "Conversion", "ConvertedCheckpoint", "DenseConversion", "convert_any_file", "convert_file",
+    "convert_state_dict", "detect_format", "detect_variant", "export_state_dict",
+    "load_converted", "load_pretrained", "num_head_classes", "read_state_dict", "replace_head",
+    "save_converted", "sha256", "with_backbone", "write_state_dict",
 ]

@@ -2,6 +2,7 @@
 shapes, and the layout changes. All checks name the offending key in the checkpoint's own layout."""
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
@@ -19,6 +20,11 @@ class Conversion:
   variant: str
   num_classes: int
   source_format: str
+  task: ClassVar[str] = "classification"
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params}
 
 
 def _architecture(shapes: dict) -> dict:
@@ -55,7 +61,9 @@ def detect_variant(shapes: dict) -> str:
   return max(VARIANTS, key=agreement)
 
 
-def _check(state_dict: dict, expected: dict, variant: str) -> None:
+def check_keys(state_dict: dict, expected: dict, model: str) -> None:
+  """Every expected key present with its shape, nothing else, all floating point; the first
+  problem is raised, naming the key and `model` (e.g. "pvt_v2_b0")."""
   missing = [key for key in expected if key not in state_dict]
   unexpected = [key for key in state_dict if key not in expected]
 
@@ -63,13 +71,13 @@ def _check(state_dict: dict, expected: dict, variant: str) -> None:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 
   if missing:
-    raise CheckpointError(f"missing key {missing[0]}{more(missing)} for pvt_v2_{variant}")
+    raise CheckpointError(f"missing key {missing[0]}{more(missing)} for {model}")
   if unexpected:
-    raise CheckpointError(f"unexpected key {unexpected[0]}{more(unexpected)} for pvt_v2_{variant}")
+    raise CheckpointError(f"unexpected key {unexpected[0]}{more(unexpected)} for {model}")
   for key, value in state_dict.items():
     shape = expected[key]
     if tuple(value.shape) != shape:
-      raise CheckpointError(f"{key} has shape {list(value.shape)}, pvt_v2_{variant} expects "
+      raise CheckpointError(f"{key} has shape {list(value.shape)}, {model} expects "
                             f"{list(shape)}")
     if not np.issubdtype(value.dtype, np.floating):
       raise CheckpointError(f"{key} has dtype {value.dtype}, expected floating point")
@@ -93,7 +101,7 @@ def convert_state_dict(state_dict: dict, variant: str | None = None) -> Conversi
   if chosen not in VARIANTS:
     raise CheckpointError(f"unknown variant {chosen!r}; choose one of {', '.join(VARIANTS)}")
   try:
-    _check(state_dict, layouts.expected_shapes(chosen, num_classes, fmt), chosen)
+    check_keys(state_dict, layouts.expected_shapes(chosen, num_classes, fmt), f"pvt_v2_{chosen}")
   except CheckpointError as error:
     hint = ""
     if variant and detected != variant:

@@ -132,7 +132,8 @@ def write_state_dict(path, state_dict: dict) -> None:
                           f"{'/'.join(TORCH_SUFFIXES)}", path)
   if os.path.exists(path):
     raise CheckpointError("already exists; remove it or choose another name", path)
-  arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
+  # np.asarray(order="C"), not np.ascontiguousarray: that makes 0-d counters 1-d.
+  arrays = {key: np.asarray(value, order="C") for key, value in state_dict.items()}
   if suffix == SAFETENSORS_SUFFIX:
     write = safetensors.numpy.save_file
   else:

@@ -178,10 +178,10 @@ def _official_shapes(variant: str, num_classes: int) -> dict[str, tuple]:
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   shapes = {_official_key(path): _torch_shape(tuple(leaf.shape))
             for path, leaf in traverse_util.flatten_dict(shapes).items()}
-  return dict(sorted(shapes.items(), key=lambda item: _natural_order(item[0])))
+  return dict(sorted(shapes.items(), key=lambda item: natural_order(item[0])))
 
 
-def _natural_order(key: str) -> list:
+def natural_order(key: str) -> list:
   """block3.6 before block3.10, so errors name the first missing key as a person would."""
   return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
