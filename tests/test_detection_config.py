@@ -6,7 +6,7 @@ import pytest
 
 from configs import retinanet
 from pvt_jax import detection
-from pvt_jax.detection import schedule
+from pvt_jax.train import optimizer
 
 
 def test_coco_mode_is_the_official_recipe():
@@ -48,14 +48,14 @@ def test_schedule_matches_mmengine():
   c = retinanet.get_config("b0,coco")
   steps_per_epoch = 70
   c.optimizer.warmup_steps = 100
-  optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+  sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
   # The official run's mmdet 2.x warmup (mmcv's LrUpdaterHook: factor 1 - (1 - i / 100) x 0.999
   # at iteration i < 100) is mmengine's LinearLR ending one iteration later than 3.x configs.
-  schedulers = [LinearLR(optimizer, start_factor=0.001, by_epoch=False, begin=0, end=101),
-                MultiStepLR.build_iter_from_epoch(optimizer, milestones=[8, 11], gamma=0.1,
+  schedulers = [LinearLR(sgd, start_factor=0.001, by_epoch=False, begin=0, end=101),
+                MultiStepLR.build_iter_from_epoch(sgd, milestones=[8, 11], gamma=0.1,
                                                   epoch_length=steps_per_epoch)]
-  ours = schedule.learning_rate_schedule(c, steps_per_epoch)
+  ours = optimizer.learning_rate_schedule(c, steps_per_epoch, 12 * steps_per_epoch)
   for step in range(12 * steps_per_epoch):
-    np.testing.assert_allclose(float(ours(step)), optimizer.param_groups[0]["lr"], rtol=1e-5)
+    np.testing.assert_allclose(float(ours(step)), sgd.param_groups[0]["lr"], rtol=1e-5)
     for s in schedulers:
       s.step()

@@ -117,6 +117,26 @@ def test_learning_rate_schedule_follows_the_official_recipe():
   assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-5)
 
 
+@pytest.mark.torch
+def test_poly_schedule_matches_mmengine():
+  """The Semantic FPN recipe's 'poly' (power 0.9) against mmengine's PolyLR, per iteration. The
+  official runs (mmseg 0.x, mmcv's PolyLrUpdaterHook) decay over (1 - iter / max_iters): that is
+  PolyLR with end = max_iters + 1 (PolyLR reaches eta_min at end - 1)."""
+  torch = pytest.importorskip("torch")
+  from mmengine.optim.scheduler import PolyLR
+
+  from configs import sem_fpn
+  config = sem_fpn.get_config("b0,ade20k")
+  config.optimizer.min_lr = 1e-6
+  total = 200
+  sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+  scheduler = PolyLR(sgd, eta_min=1e-6, power=0.9, by_epoch=False, begin=0, end=total + 1)
+  ours = optimizer.learning_rate_schedule(config, steps_per_epoch=1, total_steps=total)
+  for step in range(total + 20):  # held at min_lr after the last step
+    np.testing.assert_allclose(float(ours(step)), sgd.param_groups[0]["lr"], rtol=1e-5)
+    scheduler.step()
+
+
 def test_weight_decay_skips_biases_and_norms_and_clipping_is_configured():
   params = {"dense": {"kernel": np.ones((3, 4)), "bias": np.ones(4)},
             "norm": {"scale": np.ones(4), "bias": np.ones(4)},
