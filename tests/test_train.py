@@ -327,6 +327,25 @@ def test_finetuning_starts_from_the_converted_checkpoint(tiny_fashion_mnist, com
                          {"params": setup.state_shardings["params"]})
 
 
+def test_an_image_folder_has_class_names_and_counts(tmp_path):
+  """What the start-up summary and dataset.json show for a folder dataset."""
+  from PIL import Image
+
+  for split, counts in (("train", {"cat": 3, "dog": 2}), ("val", {"cat": 1, "dog": 2})):
+    for name, n in counts.items():
+      (tmp_path / split / name).mkdir(parents=True)
+      for i in range(n):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / name / f"{i}.png")
+  config = b0.get_config("runlocal")
+  config.dataset, config.batch_size = f"folder:{tmp_path}", 2
+  config.train_split, config.eval_split = "train", "val"
+  info = tasks.get_task("classification").dataset_info(config)
+  assert info.class_names == ("cat", "dog")
+  assert (info.train_class_counts, info.eval_class_counts) == ((3, 2), (1, 2))
+  assert (info.num_train_examples, info.num_eval_examples, info.steps_per_epoch) == (5, 3, 2)
+  assert info.record()["class_names"] == ["cat", "dog"]
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   ckpts = checkpointing.TrainCheckpoints(str(tmp_path), keep=2)
   top1 = {2: 0.9, 4: 0.5, 6: 0.7}  # steps with an eval; the others have none

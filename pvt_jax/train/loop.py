@@ -16,9 +16,18 @@ import optax
 
 from pvt_jax import tasks
 from pvt_jax.models import create_model
-from pvt_jax.train import checkpointing, metrics, optimizer, sharding, steps, validation, workdir
+from pvt_jax.train import (
+  checkpointing,
+  console,
+  metrics,
+  optimizer,
+  sharding,
+  steps,
+  validation,
+  workdir,
+)
+from pvt_jax.train.console import Progress, report
 from pvt_jax.train.errors import ConfigError, NonFiniteLossError
-from pvt_jax.train.progress import Progress, report
 from pvt_jax.train.validation import DTYPES
 
 __all__ = ["DTYPES", "ConfigError", "Setup", "create_model_from_config", "create_setup",
@@ -140,62 +149,6 @@ class _StopRequest:
       signal.signal(signum, previous)
 
 
-def _fraction(x: float) -> str:
-  return f"{x:.1%}" if x < 0.1 else f"{x:.0%}"
-
-
-def _classes(info: tasks.DatasetInfo, limit: int = 12) -> str:
-  """"T-shirt/top, Trouser, ..." (with train/eval counts for folders), at most `limit` names."""
-  names = list(info.class_names) or [str(k) for k in range(info.num_classes)]
-  if info.train_class_counts:
-    eval_counts = info.eval_class_counts or ("?",) * len(names)
-    names = [f"{n} {a}/{b}" for n, a, b in zip(names, info.train_class_counts, eval_counts,
-                                               strict=True)]
-  shown = ", ".join(names[:limit])
-  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _report_start(config, setup: Setup, workdir_path: str, start: int) -> None:
-  """The block a user looks for at start: task, data, devices and mesh, steps, where to."""
-  info, mesh = setup.info, setup.mesh
-  params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
-  per_device = config.batch_size // jax.device_count()
-  accum = f", {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""
-  epochs = setup.total_steps / info.steps_per_epoch
-  counts = " with train/eval images per class" if info.train_class_counts else ""
-  lines = [
-      f"task      {setup.task.name}: PVT v2-{config.variant}, {params / 1e6:.2f} M parameters, "
-      f"{setup.num_classes} classes",
-      f"dataset   {info.name}: {info.train_split} {info.num_train_examples} / {info.eval_split} "
-      f"{info.num_eval_examples} examples",
-      f"classes   {_classes(info)}{counts}",
-      f"devices   {jax.device_count()} x {jax.devices()[0].platform} in "
-      f"{jax.process_count()} process(es); mesh data {mesh.shape['data']} x fsdp "
-      f"{mesh.shape['fsdp']}",
-      f"training  {setup.total_steps} steps of {config.batch_size} ({per_device} per device"
-      f"{accum}): {epochs:.3g} epochs of {info.steps_per_epoch} steps; "
-      f"{config.optimizer.schedule} schedule, peak lr {optimizer.scaled_learning_rate(config):g}",
-      f"workdir   {workdir_path}: " + (f"resuming from step {start}" if start else
-                                       "no checkpoint, starting from scratch"),
-  ]
-  report("\n".join(lines))
-  if config.batch_size > info.num_train_examples:
-    report(f"warning: batch_size={config.batch_size} is larger than the training split "
-           f"({info.num_train_examples} examples): every step repeats examples")
-
-
-def _report_end(ckpts: checkpointing.TrainCheckpoints, task: tasks.Task, workdir_path: str,
-                step: int) -> None:
-  best = ckpts.best_step()
-  best_text = ""
-  if best is not None:
-    value = ckpts.metrics(best)[task.best_metric]
-    best_text = f"; best: step {best} ({task.best_metric} {value:.4f})"
-  saved = ", ".join(str(s) for s in sorted(ckpts.all_steps())) or "none"
-  report(f"step {step}: outputs in {workdir_path}: checkpoints/ (steps {saved}{best_text}), "
-         f"{metrics.METRICS_FILE}, {metrics.PLOT_FILE}, {metrics.TENSORBOARD_SUBDIR}/")
-
-
 class _Profiler:
   """A jax.profiler trace of config.profile_steps = (first, count): the steps from state step
   `first` to `first + count`, written into the workdir's TensorBoard directory."""
@@ -265,7 +218,7 @@ def train_and_evaluate(config, workdir_path: str) -> dict:
       if last:
         report(f"step {start}: eval {task.describe_eval(last)}")
       return {"step": start, "eval": last, "preempted": None}
-    _report_start(config, setup, workdir_path, start)
+    console.start_summary(config, setup, workdir_path, start)
     if start:
       state = ckpts.restore(checkpointing.abstract_like(setup.abstract_state,
                                                         setup.state_shardings))
@@ -302,7 +255,7 @@ def train_and_evaluate(config, workdir_path: str) -> dict:
     if is_main:
       metrics.plot_metrics(writer.jsonl_path, os.path.join(workdir_path, metrics.PLOT_FILE),
                            task.plot_metrics)
-    _report_end(ckpts, task, workdir_path, result["step"])
+    console.end_summary(ckpts, task.best_metric, workdir_path, result["step"])
     return result
   finally:
     ckpts.close()
@@ -420,4 +373,4 @@ def _log(writer, progress, window: _Window, step: int, values: dict, batch_size:
   writer.write(step, scalars)
   progress.log(step, {"loss": f"{scalars['train/loss']:.4f}", "lr": f"{values['lr']:.2e}",
                       "img/s": f"{scalars['train/images_per_sec']:.0f}",
-                      "input": _fraction(scalars["train/input_wait"])})
+                      "input": console.fraction(scalars["train/input_wait"])})
