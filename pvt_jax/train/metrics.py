@@ -11,21 +11,16 @@ import numbers
 import os
 
 import tensorboardX
+from flax import traverse_util
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 TENSORBOARD_SUBDIR = "tensorboard"
 
 
-def flatten(scalars: dict, prefix: str = "") -> dict:
+def flatten(scalars: dict) -> dict:
   """{'eval/iou': {'wall': .7}} -> {'eval/iou/wall': .7}: nested metrics as flat names."""
-  out = {}
-  for name, value in scalars.items():
-    if isinstance(value, dict):
-      out.update(flatten(value, f"{prefix}{name}/"))
-    else:
-      out[f"{prefix}{name}"] = value
-  return out
+  return traverse_util.flatten_dict(scalars, sep="/")
 
 
 def read_metrics(jsonl_path: str) -> list[dict]:

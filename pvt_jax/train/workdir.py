@@ -14,6 +14,7 @@ import os
 import uuid
 
 import ml_collections
+from flax import traverse_util
 
 from pvt_jax import tasks
 from pvt_jax.train.checkpointing import CHECKPOINT_SUBDIR
@@ -32,16 +33,6 @@ RESUMABLE = frozenset({
     "eval_batch_size", "init_from",
 })
 SCHEDULE_LENGTH = ("num_train_steps", "num_epochs")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def as_json(config: ml_collections.ConfigDict) -> dict:
@@ -80,7 +71,7 @@ def differences(saved: dict, config: ml_collections.ConfigDict) -> dict:
   """field -> (saved value, new value) for the fields that differ. Fields that only one side
   has (written by another version) and num_classes 0 (the dataset's, resolved later) are left
   out."""
-  old, new = _flatten(saved), _flatten(as_json(config))
+  old, new = (traverse_util.flatten_dict(c, sep=".") for c in (saved, as_json(config)))
   return {field: (old[field], value) for field, value in new.items()
           if field in old and old[field] != value
           and not (field == "num_classes" and value == 0)}
