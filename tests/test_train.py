@@ -4,6 +4,7 @@ fixture) and real code paths throughout."""
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from configs import b0
 from pvt_jax import data, tasks
 from pvt_jax.checkpoints import load_converted, save_converted
 from pvt_jax.models import create_model
-from pvt_jax.train import checkpointing, loop, metrics, optimizer, sharding, steps
+from pvt_jax.train import checkpointing, loop, metrics, optimizer, sharding, steps, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -325,6 +326,18 @@ def test_finetuning_starts_from_the_converted_checkpoint(tiny_fashion_mnist, com
   with pytest.raises(loop.ConfigError, match="holds a b0 checkpoint"):
     setup.task.load_init(config, {"params": fresh["params"]},
                          {"params": setup.state_shardings["params"]})
+
+
+def test_a_workdir_config_from_before_new_fields_is_filled_with_defaults(tmp_path):
+  """config.json of a run started by an earlier version lacks the fields added since."""
+  config = b0.get_config("runlocal")
+  config.batch_size = 16
+  saved = workdir.as_json(config)
+  del saved["optimizer"]["schedule"], saved["reevaluate"]
+  (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(saved))
+  loaded = workdir.load_run_config(str(tmp_path))
+  assert (loaded.optimizer.schedule, loaded.reevaluate, loaded.batch_size) == (
+      "warmup_cosine", False, 16)
 
 
 def test_an_image_folder_has_class_names_and_counts(tmp_path):
