@@ -356,7 +356,7 @@ def test_an_image_folder_has_class_names_and_counts(tmp_path):
   assert info.class_names == ("cat", "dog")
   assert (info.train_class_counts, info.eval_class_counts) == ((3, 2), (1, 2))
   assert (info.num_train_examples, info.num_eval_examples, info.steps_per_epoch) == (5, 3, 2)
-  assert info.record()["class_names"] == ["cat", "dog"]
+  assert json.loads(json.dumps(info.record()))["class_names"] == ["cat", "dog"]
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):

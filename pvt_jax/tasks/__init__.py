@@ -1,6 +1,11 @@
 """Tasks the trainer serves, by `config.task`; see base.py for what a task supplies.
 
   task = get_task(config.task)   # a Task: data, model, loss, evaluation
+
+A new task: a module here with a `Task` subclass (name, best_metric and the methods of base.py),
+its entry in TASKS, and a config module in pvt_jax/configs/ building on `base.base_config` with
+`c.task` set (its `get_config` is the task's `default_config`). `python -m pvt_jax.main` and
+`python -m pvt_jax.evaluate` then serve it without further changes.
 """
 
 import importlib

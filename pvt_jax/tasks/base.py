@@ -67,9 +67,7 @@ class DatasetInfo:
 
   def record(self) -> dict:
     """JSON-able, for `<workdir>/dataset.json` (e.g. class names for a prediction CLI)."""
-    return dataclasses.asdict(self) | {"class_names": list(self.class_names),
-                                       "train_class_counts": list(self.train_class_counts),
-                                       "eval_class_counts": list(self.eval_class_counts)}
+    return dataclasses.asdict(self)
 
 
 class EvalAccumulator(abc.ABC):
