@@ -204,6 +204,20 @@ def test_batch_stats_are_trained_saved_and_evaluated(straight):
   assert result["eval"] == {"accuracy": float(np.mean(predictions == labels)), "count": NUM_EVAL}
 
 
+def test_evaluation_restores_only_the_model_variables(straight):
+  """What `evaluate` reads of a workdir: params and collections, not the optimizer state."""
+  config, workdir, _, _ = straight
+  setup = loop.create_setup(config)
+  shardings = steps.model_variables(setup.state_shardings)
+  abstract = checkpointing.abstract_like(steps.model_variables(setup.abstract_state), shardings)
+  ckpts = checkpointing.TrainCheckpoints(str(workdir), "accuracy", read_only=True)
+  part = jax.device_get(ckpts.restore_part(abstract, 6))
+  ckpts.close()
+  assert set(part) == {"params", "batch_stats"}
+  full = final_state(workdir, config)
+  jax.tree.map(np.testing.assert_array_equal, part, steps.model_variables(full))
+
+
 def test_start_and_end_summaries_progress_lines_and_input_wait(straight):
   _, workdir, _, console = straight
   assert f"workdir   {workdir}: no checkpoint, starting from scratch" in console
