@@ -14,11 +14,11 @@ import numpy as np
 from pvt_jax import data
 from pvt_jax.checkpoints import load_converted, replace_head
 from pvt_jax.configs import classification as classification_configs
+from pvt_jax.data import sources
 from pvt_jax.tasks import base
 from pvt_jax.train import loop, sharding
 from pvt_jax.train.errors import ConfigError
 
-FOLDER_PREFIX = "folder:"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what tfds.ImageFolder reads
 
 
@@ -70,11 +70,11 @@ class ClassificationTask(base.Task):
     info = data.dataset_info(config)
     # The data package's DatasetInfo has no class names yet: read them from the source's
     # ClassLabel feature (every classification source has one).
-    source = data.pipeline._source(config)
+    source = sources.open_source(config)
     class_names = tuple(source.builder.info.features[source.label_key].names)
     counts = ((), ())
-    if config.dataset.startswith(FOLDER_PREFIX):
-      root = config.dataset[len(FOLDER_PREFIX):]
+    if config.dataset.startswith(sources.FOLDER_PREFIX):
+      root = config.dataset[len(sources.FOLDER_PREFIX):]
       counts = tuple(_folder_class_counts(root, split, class_names)
                      for split in (info.train_split, info.eval_split))
     return base.DatasetInfo(
