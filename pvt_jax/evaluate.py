@@ -10,7 +10,7 @@ config (dataset, resolution), at its best checkpoint by top-1 (or --step). Print
 """
 
 # ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
-from pvt_jax import allocator
+from pvt_jax.cpu import allocator
 
 if __name__ == "__main__":
   allocator.reexec_with_tcmalloc()

@@ -175,7 +175,7 @@ def test_evaluation_compiles_with_the_backends_inference_options():
            "mask": jax.ShapeDtypeStruct((n,), np.bool_)}
   hlo = steps.make_eval_step(model, mesh, params_shardings).lower(
       params["params"], batch).compile().as_text()
-  assert "__ynn_fusion" not in hlo  # the CPU options: see pvt_jax/models/compile_options.py
+  assert "__ynn_fusion" not in hlo  # the CPU options: see pvt_jax/cpu/compile_options.py
 
 
 def test_gradient_accumulation_equals_the_big_batch_update(tiny_fashion_mnist, compile_cache):
