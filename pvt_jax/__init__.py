@@ -8,10 +8,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 
-# Imported on first use, so that the command-line tools can re-exec themselves (pvt_jax.allocator)
-# before JAX and TensorFlow load.
+# Imported on first use, so that the command-line tools can re-exec themselves
+# (pvt_jax.cpu.allocator) before JAX and TensorFlow load.
 _EXPORTS = {"VARIANTS": "pvt_jax.models", "create_model": "pvt_jax.models",
-            "inference_compiler_options": "pvt_jax.models",
+            "inference_compiler_options": "pvt_jax.cpu.compile_options",
             "load_pretrained": "pvt_jax.checkpoints"}
 
 __all__ = ["VARIANTS", "__version__", "create_model", "inference_compiler_options",

@@ -14,7 +14,7 @@ timm runs on the chip JAX runs on: the CPU, or a CUDA GPU (with autocast for bfl
 """
 
 # ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
-from pvt_jax import allocator
+from pvt_jax.cpu import allocator
 
 if __name__ == "__main__":
   allocator.reexec_with_tcmalloc()
@@ -36,7 +36,10 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from pvt_jax.models import VARIANTS, cpu_kernels, create_model, inference_compiler_options
+from pvt_jax import cpu
+from pvt_jax.cpu import kernels
+from pvt_jax.cpu.compile_options import inference_compiler_options
+from pvt_jax.models import VARIANTS, create_model
 
 # Paper / official GMACs at 224x224 (REFERENCE.md); one multiply-add = 2 FLOPs.
 PAPER_GMACS = {"b0": 0.57, "b1": 2.12, "b2": 4.05, "b2_li": 3.91, "b3": 6.92, "b4": 10.14,
@@ -160,10 +163,10 @@ def xla_memory(compiled) -> dict:
 
 def xla_flops(compiled, fn, *args) -> float:
   """XLA's FLOP count of `compiled`, the program of fn(*args). XLA counts an FFI call as no
-  FLOPs, so where the CPU kernels are in it the count comes from fn traced again with XLA's
-  forms of the ops (through a new function object: jit would reuse its trace of fn)."""
-  if cpu_kernels.enabled():
-    with cpu_kernels.suspended():
+  FLOPs, so where the CPU forms of the ops are in it the count comes from fn traced again with
+  the plain forms (through a new function object: jit would reuse its trace of fn)."""
+  if cpu.enabled():
+    with cpu.disabled():
       compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, list):
@@ -434,7 +437,7 @@ def environment() -> dict:
           "torch": torch.__version__, "timm": timm.__version__,
           "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "allocator": allocator.active_allocator(),
-          "cpu_kernels": cpu_kernels.enabled(),
+          "cpu_kernels": cpu.enabled() and kernels.available(),
           "machine": platform.processor() or platform.machine()}
 
 

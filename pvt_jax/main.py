@@ -9,7 +9,7 @@ set with `--config.FIELD=VALUE`. A workdir with checkpoints is resumed from its 
 """
 
 # ruff: noqa: E402  (run as a tool, re-exec under tcmalloc before the heavy imports)
-from pvt_jax import allocator
+from pvt_jax.cpu import allocator
 
 if __name__ == "__main__":
   allocator.reexec_with_tcmalloc()

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from pvt_jax import allocator
+from pvt_jax.cpu import allocator
 
 # Re-execs itself like the CLIs do, then reports the allocator and the page faults of the third
 # call of a jitted function whose ~200 MiB of temporaries are allocated by XLA's worker threads.
 SCRIPT = """
-from pvt_jax import allocator
+from pvt_jax.cpu import allocator
 allocator.reexec_with_tcmalloc()
 import resource
 import jax, jax.numpy as jnp

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pvt_jax import benchmark
-from pvt_jax.models import ops
+from pvt_jax.models import dispatch, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,10 +161,10 @@ def test_flop_counts_see_through_the_cpu_kernels(monkeypatch):
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((2, 64, 1, 32)), jnp.float32)
   kv = jnp.asarray(rng.standard_normal((2, 49, 2, 1, 32)), jnp.float32)
-  in_kernel = jax.jit(ops.attention).lower(q, kv).compile()
+  in_kernel = jax.jit(dispatch.attention).lower(q, kv).compile()
   assert in_kernel.cost_analysis().get("flops", 0.0) < 1e3  # the kernel is opaque to XLA
-  xla_form = jax.jit(ops._xla_attention).lower(q, kv).compile().cost_analysis()["flops"]
-  assert xla_form >= 2 * 2 * 64 * 49 * 32 * 2  # two products of 2*N*M*D FLOPs per image
-  assert benchmark.xla_flops(in_kernel, ops.attention, q, kv) == xla_form
-  monkeypatch.setattr(benchmark.cpu_kernels, "enabled", lambda: False)  # as on a GPU
-  assert benchmark.xla_flops(in_kernel, ops.attention, q, kv) < 1e3
+  plain = jax.jit(ops.attention).lower(q, kv).compile().cost_analysis()["flops"]
+  assert plain >= 2 * 2 * 64 * 49 * 32 * 2  # two products of 2*N*M*D FLOPs per image
+  assert benchmark.xla_flops(in_kernel, dispatch.attention, q, kv) == plain
+  monkeypatch.setattr(benchmark.cpu, "enabled", lambda: False)  # as on a GPU
+  assert benchmark.xla_flops(in_kernel, dispatch.attention, q, kv) < 1e3

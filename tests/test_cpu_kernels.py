@@ -1,6 +1,6 @@
-"""The C++ CPU kernels: built and cached, used by `ops` on CPU, exact against the XLA forms,
-deterministic, per-shard under sharding, and a clean fallback when they cannot be built.
-(`test_ops` checks the depthwise forms against PyTorch; `test_parity` the whole model's
+"""The C++ CPU kernels: built and cached, chosen by `dispatch` on CPU, exact against the XLA
+forms, deterministic, per-shard under sharding, and a clean fallback when they cannot be built.
+(`test_ops` checks every form of the ops against PyTorch; `test_parity` the whole model's
 gradients against timm's autograd.)"""
 
 import os
@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pvt_jax.models import cpu_kernels, ops
+from pvt_jax import cpu
+from pvt_jax.cpu import kernels
+from pvt_jax.cpu import ops as cpu_ops
+from pvt_jax.models import dispatch, ops
 
 
 def _compiled_text(f, *args):
@@ -28,17 +31,23 @@ def _arrays(rng, batch, h, w, c):
   return tuple(map(jnp.asarray, (x, taps, bias, input_bias, g)))
 
 
-def test_kernels_build_here_and_ops_use_them_on_cpu():
-  assert cpu_kernels.available()
+def _ffn_hidden(x, taps, bias):
+  """The FFN's hidden layer through `dispatch`, with an identity fc1 and the given conv."""
+  c = x.shape[-1]
+  return dispatch.conv_ffn_hidden(x, jnp.eye(c), jnp.zeros(c), taps[:, :, None, :], bias,
+                                  relu=False)
+
+
+def test_kernels_build_here_and_the_dispatch_uses_them_on_cpu():
+  assert kernels.available()
   x, taps, bias, _, _ = _arrays(np.random.default_rng(0), 2, 5, 6, 32)
-  kernel = taps[:, :, None, :]
-  loss = lambda x: ops.depthwise_conv3x3_gelu(x, kernel, bias).sum()  # noqa: E731
+  loss = lambda x: _ffn_hidden(x, taps, bias).sum()  # noqa: E731
   assert 'custom_call_target="pvt_depthwise_gelu"' in _compiled_text(
-      lambda x: ops.depthwise_conv3x3_gelu(x, kernel, bias), x)
+      lambda x: _ffn_hidden(x, taps, bias), x)
   assert 'custom_call_target="pvt_depthwise_gelu_backward"' in _compiled_text(jax.grad(loss), x)
   # bfloat16 maps keep the XLA form (the kernels are float32).
   assert "pvt_depthwise_gelu" not in _compiled_text(
-      lambda x: ops.depthwise_conv3x3_gelu(x, kernel, bias), x.astype(jnp.bfloat16))
+      lambda x: _ffn_hidden(x, taps, bias), x.astype(jnp.bfloat16))
 
 
 # Batch 1 with 37 rows splits each image into chunks (halo rows recomputed at their borders);
@@ -47,11 +56,11 @@ def test_kernels_build_here_and_ops_use_them_on_cpu():
                                          (2, 1, 6, 17), (4, 6, 1, 64), (2, 0, 3, 16)])
 def test_kernels_equal_the_xla_form_forward_and_backward(batch, h, w, c):
   x, taps, bias, input_bias, g = _arrays(np.random.default_rng(c), batch, h, w, c)
-  np.testing.assert_allclose(cpu_kernels.depthwise_gelu(x, taps, bias, input_bias),
-                             ops._xla_depthwise_gelu(x, taps, bias, input_bias),
+  np.testing.assert_allclose(kernels.depthwise_gelu(x, taps, bias, input_bias),
+                             cpu_ops._xla_depthwise_gelu(x, taps, bias, input_bias),
                              rtol=1e-6, atol=1e-6)
-  got = cpu_kernels.depthwise_gelu_backward(x, taps, bias, input_bias, g)
-  want = ops._xla_depthwise_gelu_backward(x, taps, bias, input_bias, g)
+  got = kernels.depthwise_gelu_backward(x, taps, bias, input_bias, g)
+  want = cpu_ops._xla_depthwise_gelu_backward(x, taps, bias, input_bias, g)
   for name, a, b in zip(("dx", "dtaps", "dbias", "dinput_bias"), got, want, strict=True):
     scale = float(jnp.abs(b).max(initial=1.0))
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale, err_msg=name)
@@ -63,13 +72,13 @@ def _attention_arrays(rng, batch, n, heads, d, m, spread=1.0):
   return q, kv, g
 
 
-def test_ops_attention_uses_the_kernel_for_float32_and_head_dims_of_16s():
+def test_attention_uses_the_kernel_for_float32_and_head_dims_of_16s():
   q, kv, g = _attention_arrays(np.random.default_rng(3), 2, 10, 2, 32, 7)
-  assert 'custom_call_target="pvt_attention"' in _compiled_text(ops.attention, q, kv)
-  backward = lambda q, kv: jax.vjp(ops.attention, q, kv)[1](g)  # noqa: E731
+  assert 'custom_call_target="pvt_attention"' in _compiled_text(dispatch.attention, q, kv)
+  backward = lambda q, kv: jax.vjp(dispatch.attention, q, kv)[1](g)  # noqa: E731
   assert 'custom_call_target="pvt_attention_backward"' in _compiled_text(backward, q, kv)
-  assert "pvt_attention" not in _compiled_text(ops.attention, q[..., :8], kv[..., :8])
-  assert "pvt_attention" not in _compiled_text(ops.attention, q.astype(jnp.bfloat16),
+  assert "pvt_attention" not in _compiled_text(dispatch.attention, q[..., :8], kv[..., :8])
+  assert "pvt_attention" not in _compiled_text(dispatch.attention, q.astype(jnp.bfloat16),
                                                kv.astype(jnp.bfloat16))
 
 
@@ -81,10 +90,10 @@ def test_ops_attention_uses_the_kernel_for_float32_and_head_dims_of_16s():
     (1, 200, 1, 32, 49, 1.0), (2, 30, 5, 32, 49, 30.0), (2, 0, 1, 16, 4, 1.0)])
 def test_attention_kernel_equals_the_xla_form_forward_and_backward(batch, n, heads, d, m, spread):
   q, kv, g = _attention_arrays(np.random.default_rng(m), batch, n, heads, d, m, spread)
-  np.testing.assert_allclose(cpu_kernels.attention(q, kv), ops._xla_attention(q, kv),
+  np.testing.assert_allclose(kernels.attention(q, kv), ops.attention(q, kv),
                              rtol=0, atol=2e-6 * spread)
-  got = cpu_kernels.attention_backward(q, kv, g)
-  want = ops._xla_attention_backward(q, kv, g)
+  got = kernels.attention_backward(q, kv, g)
+  want = jax.vjp(ops.attention, q, kv)[1](g)
   for name, a, b in zip(("dq", "dkv"), got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max(initial=1.0)),
                                err_msg=name)
@@ -96,10 +105,10 @@ def _norm_arrays(rng, rows, c, offset=0.0):
   return jnp.asarray(x + offset), jnp.asarray(scale), jnp.asarray(bias), jnp.asarray(g)
 
 
-def test_ops_layer_norm_uses_the_kernel_for_float32():
+def test_layer_norm_uses_the_kernel_for_float32():
   x, scale, bias, g = _norm_arrays(np.random.default_rng(5), 12, 32)
   x = x.reshape(2, 3, 2, 32)
-  norm = lambda x: ops.layer_norm(x, scale, bias, 1e-6)  # noqa: E731
+  norm = lambda x: dispatch.layer_norm(x, scale, bias, eps=1e-6)  # noqa: E731
   assert 'custom_call_target="pvt_layer_norm"' in _compiled_text(norm, x)
   backward = lambda x: jax.vjp(norm, x)[1](g.reshape(x.shape))  # noqa: E731
   assert 'custom_call_target="pvt_layer_norm_backward"' in _compiled_text(backward, x)
@@ -115,22 +124,23 @@ def test_ops_layer_norm_uses_the_kernel_for_float32():
 def test_layer_norm_kernel_equals_the_xla_form_forward_and_backward(rows, c, offset):
   x, scale, bias, g = _norm_arrays(np.random.default_rng(rows), rows, c, offset)
   tolerance = 2e-6 * (1.0 + offset)
-  np.testing.assert_allclose(cpu_kernels.layer_norm(x, scale, bias, 1e-5),
-                             ops._xla_layer_norm(x, scale, bias, 1e-5), rtol=0, atol=tolerance)
-  got = cpu_kernels.layer_norm_backward(x, scale, g, 1e-5)
-  want = ops._xla_layer_norm_backward(x, scale, g, 1e-5)
+  norm = lambda x, scale, bias: ops.layer_norm(x, scale, bias, eps=1e-5)  # noqa: E731
+  np.testing.assert_allclose(kernels.layer_norm(x, scale, bias, 1e-5), norm(x, scale, bias),
+                             rtol=0, atol=tolerance)
+  got = kernels.layer_norm_backward(x, scale, g, 1e-5)
+  want = jax.vjp(norm, x, scale, bias)[1](g)
   for name, a, b in zip(("dx", "dscale", "dbias"), got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=0, err_msg=name,
                                atol=tolerance * float(jnp.abs(b).max(initial=1.0)))
 
 
-def test_ops_weight_gradients_use_the_kernel_where_one_side_is_narrow():
+def test_weight_gradients_use_the_kernel_where_one_side_is_narrow():
   rng = np.random.default_rng(7)
 
   def kernel_gradient_hlo(fan_in, fan_out):
     x = jnp.asarray(rng.standard_normal((2, 9, fan_in)), jnp.float32)
-    kernel = jnp.zeros((fan_in, fan_out))
-    return _compiled_text(jax.grad(lambda k: (ops.linear(x, k) ** 2).sum()), kernel)
+    kernel, bias = jnp.zeros((fan_in, fan_out)), jnp.zeros(fan_out)
+    return _compiled_text(jax.grad(lambda k: (dispatch.dense(x, k, bias) ** 2).sum()), kernel)
 
   assert 'custom_call_target="pvt_weight_gradient"' in kernel_gradient_hlo(32, 256)
   assert 'custom_call_target="pvt_weight_gradient"' in kernel_gradient_hlo(256, 32)
@@ -147,7 +157,7 @@ def test_weight_gradient_kernel_equals_the_xla_product(m, k, n):
   rng = np.random.default_rng(m + k)
   x, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((m, k), (m, n)))
   want = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
-  got = cpu_kernels.weight_gradient(x, g)
+  got = kernels.weight_gradient(x, g)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * max(1.0, np.abs(want).max()))
 
 
@@ -166,11 +176,11 @@ def test_attention_dropout_in_training_keeps_the_xla_form():
 def test_backwards_are_deterministic(kernel):
   rng = np.random.default_rng(1)
   backward, args = {
-      "depthwise": (cpu_kernels.depthwise_gelu_backward, _arrays(rng, 3, 29, 11, 32)),
-      "attention": (cpu_kernels.attention_backward, _attention_arrays(rng, 1, 333, 2, 32, 49)),
-      "layer_norm": (lambda x, scale, _, g: cpu_kernels.layer_norm_backward(x, scale, g, 1e-6),
+      "depthwise": (kernels.depthwise_gelu_backward, _arrays(rng, 3, 29, 11, 32)),
+      "attention": (kernels.attention_backward, _attention_arrays(rng, 1, 333, 2, 32, 49)),
+      "layer_norm": (lambda x, scale, _, g: kernels.layer_norm_backward(x, scale, g, 1e-6),
                      _norm_arrays(rng, 1000, 48)),
-      "weight_gradient": (lambda x, g: (cpu_kernels.weight_gradient(x, g),),
+      "weight_gradient": (lambda x, g: (kernels.weight_gradient(x, g),),
                           (rng.standard_normal((5000, 32)), rng.standard_normal((5000, 64)))),
   }[kernel]
   first, second = jax.jit(backward)(*args), jax.jit(backward)(*args)
@@ -180,37 +190,37 @@ def test_backwards_are_deterministic(kernel):
 
 def test_library_is_cached_and_rebuilt_only_when_missing(tmp_path, monkeypatch):
   monkeypatch.setenv("PVT_JAX_CACHE_DIR", str(tmp_path))
-  path = cpu_kernels.library_path()
+  path = kernels.library_path()
   assert path.parent == tmp_path and path.exists()
   built_at = path.stat().st_mtime_ns
-  assert cpu_kernels.library_path() == path and path.stat().st_mtime_ns == built_at
+  assert kernels.library_path() == path and path.stat().st_mtime_ns == built_at
   assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 
 
-def test_suspended_kernels_trace_the_xla_forms():
+def test_disabled_cpu_forms_trace_the_plain_ones():
   x, taps, bias, _, _ = _arrays(np.random.default_rng(4), 2, 5, 6, 32)
-  with cpu_kernels.suspended():
-    assert not cpu_kernels.enabled()
-    assert "pvt_depthwise_gelu" not in _compiled_text(
-        lambda x: ops.depthwise_conv3x3_gelu(x, taps[:, :, None], bias), x)
-  assert cpu_kernels.enabled() and "pvt_depthwise_gelu" in _compiled_text(
-      lambda x: ops.depthwise_conv3x3_gelu(x, taps[:, :, None], bias), x)
+  with cpu.disabled():
+    assert not cpu.enabled()
+    text = _compiled_text(lambda x: _ffn_hidden(x, taps, bias), x)
+    assert "pvt_depthwise_gelu" not in text and "convolution(" in text  # the grouped conv
+  assert cpu.enabled() and "pvt_depthwise_gelu" in _compiled_text(
+      lambda x: _ffn_hidden(x, taps, bias), x)
 
 
 def test_without_a_compiler_ops_fall_back_to_xla_with_one_warning(tmp_path, monkeypatch):
   monkeypatch.setenv("PVT_JAX_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")
-  cpu_kernels.available.cache_clear()
+  kernels.available.cache_clear()
   try:
     with pytest.warns(RuntimeWarning, match="CPU kernels unavailable.*no-such-compiler"):
-      assert not cpu_kernels.available()
+      assert not kernels.available()
     x, taps, bias, _, _ = _arrays(np.random.default_rng(2), 2, 4, 3, 8)
-    text = _compiled_text(lambda x: ops.depthwise_conv3x3_gelu(x, taps[:, :, None], bias), x)
+    text = _compiled_text(lambda x: _ffn_hidden(x, taps, bias), x)
     assert "pvt_depthwise_gelu" not in text
   finally:
     monkeypatch.undo()
-    cpu_kernels.available.cache_clear()
-  assert cpu_kernels.available()  # and back once the compiler is
+    kernels.available.cache_clear()
+  assert kernels.available()  # and back once the compiler is
 
 
 def test_a_failing_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
@@ -218,37 +228,37 @@ def test_a_failing_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
   sources.mkdir()
   (sources / "broken.cc").write_text("this is not C++\n")
   monkeypatch.setenv("PVT_JAX_CACHE_DIR", str(cache))
-  monkeypatch.setattr(cpu_kernels, "_SOURCES", sources)
+  monkeypatch.setattr(kernels, "_SOURCES", sources)
   with pytest.raises(RuntimeError, match="failed: .*broken.cc"):
-    cpu_kernels.library_path()
+    kernels.library_path()
   assert list(cache.iterdir()) == []
 
 
 _SHARDED = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from pvt_jax.models import ops
+from pvt_jax.models import dispatch
 from pvt_jax.train import sharding
 rng = np.random.default_rng(0)
 x = rng.standard_normal((4, 6, 5, 32)).astype(np.float32)
-kernel = jnp.asarray(0.3 * rng.standard_normal((3, 3, 1, 32)), jnp.float32)
-bias, input_bias = (jnp.asarray(0.1 * rng.standard_normal(32), jnp.float32) for _ in range(2))
-loss = lambda x, k, b, ib: (ops.depthwise_conv3x3_gelu(x, k, b, ib) ** 2).sum()
-grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+weights = [jnp.asarray(0.3 * rng.standard_normal(shape), jnp.float32)
+           for shape in ((32, 32), (32,), (3, 3, 1, 32), (32,))]
+loss = lambda *a: (dispatch.conv_ffn_hidden(*a, relu=False) ** 2).sum()
+grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 batch = sharding.batch_sharding(sharding.create_mesh(fsdp=int(sys.argv[1])))
 sharded = jax.device_put(x, batch)
-hlo = grads.lower(sharded, kernel, bias, input_bias).compile().as_text()
+hlo = grads.lower(sharded, *weights).compile().as_text()
 assert "all-gather" not in hlo, hlo
 assert "f32[2,6,5,32]{3,2,1,0} custom-call(" in hlo, hlo  # each device runs its half
-got = grads(sharded, kernel, bias, input_bias)
-want = grads(jnp.asarray(x), kernel, bias, input_bias)
+got = grads(sharded, *weights)
+want = grads(jnp.asarray(x), *weights)
 assert got[0].sharding.is_equivalent_to(batch, x.ndim), got[0].sharding
 for a, b in zip(got, want):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 q = jnp.asarray(rng.standard_normal((4, 30, 2, 16)), jnp.float32)
 kv = jnp.asarray(rng.standard_normal((4, 7, 2, 2, 16)), jnp.float32)
-attention_loss = lambda q, kv: (ops.attention(q, kv) ** 2).sum()
+attention_loss = lambda q, kv: (dispatch.attention(q, kv) ** 2).sum()
 grads = jax.jit(jax.grad(attention_loss, argnums=(0, 1)))
 sharded = [jax.device_put(a, batch) for a in (q, kv)]
 hlo = grads.lower(*sharded).compile().as_text()
@@ -260,7 +270,7 @@ for a, b in zip(got, want):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 kernel = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
-dense_loss = lambda x, k: (ops.linear(x, k) ** 2).sum()
+dense_loss = lambda x, k: (dispatch.dense(x, k, jnp.zeros(48)) ** 2).sum()
 grad = jax.jit(jax.grad(dense_loss, argnums=1))
 sharded = jax.device_put(x, batch)
 hlo = grad.lower(sharded, kernel).compile().as_text()
@@ -271,7 +281,7 @@ got, want = grad(sharded, kernel), grad(jnp.asarray(x), kernel)
 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 scale, bias = jnp.linspace(0.5, 1.5, 32), jnp.linspace(-1.0, 1.0, 32)
-norm_loss = lambda x, s, b: (ops.layer_norm(x, s, b, 1e-6) ** 3).sum()
+norm_loss = lambda x, s, b: (dispatch.layer_norm(x, s, b, eps=1e-6) ** 3).sum()
 grads = jax.jit(jax.grad(norm_loss, argnums=(0, 1, 2)))
 sharded = jax.device_put(x, batch)
 hlo = grads.lower(sharded, scale, bias).compile().as_text()
@@ -295,9 +305,9 @@ def test_batch_sharded_inputs_run_per_device_and_sum_the_weight_gradients(fsdp):
 
 
 def test_direct_calls_register_the_kernels_first():
-  """A fresh process whose first use is cpu_kernels' own functions, not ops."""
-  script = ("import jax.numpy as jnp; from pvt_jax.models import cpu_kernels; "
-            "print(float(cpu_kernels.attention(jnp.ones((1, 3, 1, 16)), "
+  """A fresh process whose first use is the kernels' own functions, not the model's ops."""
+  script = ("import jax.numpy as jnp; from pvt_jax.cpu import kernels; "
+            "print(float(kernels.attention(jnp.ones((1, 3, 1, 16)), "
             "jnp.ones((1, 2, 2, 1, 16))).sum()))")
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)

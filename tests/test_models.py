@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from pvt_jax.models import VARIANTS, create_model, inference_compiler_options
+from pvt_jax import inference_compiler_options
+from pvt_jax.models import VARIANTS, create_model
 
 
 def jit_apply(model):

@@ -175,7 +175,7 @@ def test_wheel_holds_every_module_and_metadata(tmp_path):
   names = set(zipfile.ZipFile(wheel).namelist())
   expected = {p.relative_to(source).as_posix() for p in (source / "pvt_jax").rglob("*.py")}
   expected |= {p.relative_to(source).as_posix()
-               for p in (source / "pvt_jax" / "models" / "kernels").iterdir()}  # C++ sources
+               for p in (source / "pvt_jax" / "cpu" / "csrc").iterdir()}  # C++ sources
   assert expected <= names, sorted(expected - names)
   assert not any(n.startswith(("tests/", "configs/")) for n in names)
   metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()

@@ -1,6 +1,7 @@
 """End to end: timm PVT v2 (random weights, every variant) saved in the official, timm and HF
 layouts -> `python -m pvt_jax.convert` -> `load_pretrained` gives timm's logits and stage maps."""
 
+import contextlib
 import math
 
 import jax
@@ -10,7 +11,7 @@ import torch
 from absl import flags
 from torch_reference import random_timm_model, save, state_dict_in, timm_outputs
 
-from pvt_jax import convert
+from pvt_jax import convert, cpu
 from pvt_jax.checkpoints import convert_state_dict, load_converted, load_pretrained
 from pvt_jax.checkpoints.verify import forward_with_stage_maps
 from pvt_jax.models import VARIANTS, create_model
@@ -74,12 +75,13 @@ def test_all_layouts_convert_to_timm_numerics(variant, tmp_path):
     assert max(diffs) <= TOLERANCE, diffs
 
 
-# The backward pass against PyTorch autograd: every custom gradient (linear layers, patch
-# embeddings, and on CPU the C++ depthwise-conv+GELU and attention kernels) in one check. timm's
-# parameter gradients go through the same converter as its weights (it only renames, transposes
-# and splits, all linear), so they must equal ours leaf by leaf.
+# The backward pass against PyTorch autograd, in both forms of the ops: XLA:CPU's (every custom
+# gradient and C++ kernel in one check) and the plain ones GPUs and TPUs run. timm's parameter
+# gradients go through the same converter as its weights (it only renames, transposes and
+# splits, all linear), so they must equal ours leaf by leaf.
+@pytest.mark.parametrize("forms", ["cpu", "plain"])
 @pytest.mark.parametrize("variant,batch,height,width", [("b0", 2, 96, 72), ("b2_li", 1, 52, 84)])
-def test_parameter_gradients_equal_timm_autograd(variant, batch, height, width):
+def test_logits_and_parameter_gradients_equal_timm_autograd(variant, batch, height, width, forms):
   reference = random_timm_model(variant, seed=7)
   model, variables = create_model(variant), {
       "params": convert_state_dict(state_dict_in("timm", reference, variant)).params}
@@ -93,9 +95,12 @@ def test_parameter_gradients_equal_timm_autograd(variant, batch, height, width):
   expected = convert_state_dict(timm_grads).params
 
   def loss(params):
-    return (model.apply({"params": params}, images, train=True) * cotangent).sum()
+    ours = model.apply({"params": params}, images, train=True)
+    return (ours * cotangent).sum(), ours
 
-  grads = jax.jit(jax.grad(loss))(variables["params"])
+  with cpu.disabled() if forms == "plain" else contextlib.nullcontext():
+    grads, ours = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+  assert max_diff(ours, logits.detach().numpy()) <= TOLERANCE
   worst = 0.0
   for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(grads),
                                   jax.tree.leaves(expected), strict=True):
@@ -104,4 +109,5 @@ def test_parameter_gradients_equal_timm_autograd(variant, batch, height, width):
     error = max_diff(ours, theirs) / scale
     worst = max(worst, error)
     assert error <= 2e-5, (jax.tree_util.keystr(path), error)
-  print(f"{variant} {height}x{width}: worst |diff| / max |grad| over the leaves {worst:.1e}")
+  print(f"{variant} {height}x{width} ({forms} forms): worst |diff| / max |grad| over the leaves "
+        f"{worst:.1e}")

@@ -196,7 +196,7 @@ def test_evaluation_compiles_with_the_backends_inference_options():
   eval_step = steps.make_eval_step(tasks.get_task("classification"), model, mesh,
                                    sharding.state_shardings(variables, mesh))
   hlo = eval_step.lower(variables, batch).compile().as_text()
-  assert "__ynn_fusion" not in hlo  # the CPU options: see pvt_jax/models/compile_options.py
+  assert "__ynn_fusion" not in hlo  # the CPU options: see pvt_jax/cpu/compile_options.py
 
 
 def test_gradient_accumulation_equals_the_big_batch_update(tiny_fashion_mnist, compile_cache):

@@ -13,7 +13,7 @@ import numpy as np
 
 from pvt_jax.checkpoints import layouts
 from pvt_jax.checkpoints.errors import CheckpointError
-from pvt_jax.models import inference_compiler_options
+from pvt_jax.cpu.compile_options import inference_compiler_options
 
 TOLERANCE = 5e-5
 

@@ -2,7 +2,6 @@
 
 import jax.numpy as jnp
 
-from pvt_jax.models.compile_options import inference_compiler_options
 from pvt_jax.models.pvt_v2 import VARIANTS, PyramidVisionTransformerV2, Variant
 
 
@@ -17,5 +16,4 @@ def create_model(variant: str, num_classes: int = 1000, drop_path_rate: float = 
                                     drop_path_rate=drop_path_rate, dtype=dtype)
 
 
-__all__ = ["VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model",
-           "inference_compiler_options"]
+__all__ = ["VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model"]

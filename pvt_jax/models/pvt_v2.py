@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from pvt_jax.models import ops
+from pvt_jax.models import dispatch, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ Dtype = Any
 
 
 class Conv(nn.Module):
-  """Conv2d parameters in Flax layout [kh, kw, in, out], applied by `ops` with PyTorch padding."""
+  """Conv2d parameters in Flax layout [kh, kw, in, out], applied with PyTorch's padding."""
   features: int
   kernel_size: int
   stride: int = 1
@@ -78,44 +78,39 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    x = x.astype(self.dtype)
-    if k == self.stride and self.padding == 0:
-      return ops.patchify_conv(x, kernel, bias)
-    return ops.conv2d(x, kernel, bias, stride=self.stride, padding=self.padding)
+    return dispatch.conv2d(x.astype(self.dtype), kernel, bias, stride=self.stride,
+                           padding=self.padding)
 
 
-class DepthwiseConv3x3GELU(nn.Module):
-  """The FFN's 3x3 depthwise conv (`mlp.dwconv.dwconv` officially) and the GELU after it."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, input_bias=None):
-    c = x.shape[-1]
-    kernel = self.param("kernel", depthwise_init, (3, 3, 1, c))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
-    return ops.depthwise_conv3x3_gelu(x.astype(self.dtype), kernel, bias, input_bias)
-
-
-class Linear(nn.Module):
-  """`nn.Dense` (same parameters, init and numbers) with `ops.linear`'s faster backward pass.
-
-  With `defer_bias` it returns (x @ kernel, bias), for a next op that adds the bias itself.
-  """
+class Dense(nn.Module):
+  """`nn.Dense`'s parameters, with the official initialisation."""
   features: int
   dtype: Dtype = jnp.float32
-  defer_bias: bool = False
 
   @nn.compact
+  def weights(self, fan_in: int):
+    """(kernel [fan_in, features], bias [features]), created on first use."""
+    kernel = self.param("kernel", linear_init, (fan_in, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return kernel, bias
+
   def __call__(self, x):
-    kernel = self.param("kernel", linear_init, (x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-    y = ops.linear(x.astype(self.dtype), kernel.astype(self.dtype),
-                   None if self.defer_bias else bias)
-    return (y, bias) if self.defer_bias else y
+    return dispatch.dense(x.astype(self.dtype), *self.weights(x.shape[-1]))
+
+
+class DepthwiseConv3x3(nn.Module):
+  """The FFN's 3x3 depthwise conv (`mlp.dwconv.dwconv` officially); the FFN applies it."""
+
+  @nn.compact
+  def weights(self, channels: int):
+    """(kernel [3, 3, 1, channels], bias [channels]), created on first use."""
+    kernel = self.param("kernel", depthwise_init, (3, 3, 1, channels))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    return kernel, bias
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm over channels (`ops.layer_norm`: PyTorch's statistics); `nn.LayerNorm`'s params."""
+  """LayerNorm over channels with PyTorch's statistics; `nn.LayerNorm`'s params."""
   epsilon: float
   dtype: Dtype = jnp.float32
 
@@ -123,7 +118,7 @@ class LayerNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-    return ops.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+    return dispatch.layer_norm(x.astype(self.dtype), scale, bias, eps=self.epsilon)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -159,7 +154,7 @@ class SpatialReductionAttention(nn.Module):
   def __call__(self, x, train: bool):
     b, h, w, c = x.shape
     head_dim = c // self.num_heads
-    q = Linear(c, self.dtype, name="q")(x).reshape(b, h * w, self.num_heads, head_dim)
+    q = Dense(c, self.dtype, name="q")(x).reshape(b, h * w, self.num_heads, head_dim)
     if self.linear:
       kv_map = ops.adaptive_avg_pool(x.astype(self.dtype), 7)
       kv_map = Conv(c, 1, dtype=self.dtype, name="sr")(kv_map)
@@ -169,15 +164,15 @@ class SpatialReductionAttention(nn.Module):
       kv_map = LayerNorm(1e-5, self.dtype, name="norm")(kv_map)
     else:
       kv_map = x
-    kv = Linear(2 * c, self.dtype, name="kv")(kv_map).reshape(b, -1, 2, self.num_heads, head_dim)
+    kv = Dense(2 * c, self.dtype, name="kv")(kv_map).reshape(b, -1, 2, self.num_heads, head_dim)
     if train and self.attn_drop_rate > 0:  # dropout between the softmax and the product
       attn = ops.attention_probabilities(q, kv[:, :, 0])
       attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=False)
       out = jnp.einsum("bhqk,bkhd->bqhd", attn, kv[:, :, 1])
     else:
-      out = ops.attention(q, kv)
+      out = dispatch.attention(q, kv)
     out = out.reshape(b, h, w, c)
-    out = Linear(c, self.dtype, name="proj")(out)
+    out = Dense(c, self.dtype, name="proj")(out)
     return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
 
 
@@ -191,14 +186,11 @@ class ConvFFN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     dim = x.shape[-1]
-    if self.linear:  # ReLU between fc1 and the conv
-      x = nn.relu(Linear(self.hidden_dim, self.dtype, name="fc1")(x))
-      x = DepthwiseConv3x3GELU(self.dtype, name="dwconv")(x)
-    else:  # the conv adds fc1's bias as it reads the map: one pass over it less, each way
-      x, fc1_bias = Linear(self.hidden_dim, self.dtype, defer_bias=True, name="fc1")(x)
-      x = DepthwiseConv3x3GELU(self.dtype, name="dwconv")(x, fc1_bias)
+    fc1 = Dense(self.hidden_dim, self.dtype, name="fc1").weights(dim)
+    dwconv = DepthwiseConv3x3(name="dwconv").weights(self.hidden_dim)
+    x = dispatch.conv_ffn_hidden(x.astype(self.dtype), *fc1, *dwconv, relu=self.linear)
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-    x = Linear(dim, self.dtype, name="fc2")(x)
+    x = Dense(dim, self.dtype, name="fc2")(x)
     return nn.Dropout(self.drop_rate)(x, deterministic=not train)
 
 

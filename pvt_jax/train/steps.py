@@ -11,7 +11,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pvt_jax.models import inference_compiler_options
+from pvt_jax.cpu.compile_options import inference_compiler_options
 from pvt_jax.train import sharding
 
 TRAIN_KEYS = ("step", "params", "opt_state", "rng")

@@ -1,20 +1,19 @@
 """Hand-written XLA:CPU kernels (C++, XLA FFI), compiled on first use and cached.
 
-`kernels/` holds the parts of PVT v2 that XLA:CPU compiles poorly, forward and backward: the
+`csrc/` holds the parts of PVT v2 that XLA:CPU compiles poorly, forward and backward: the
 FFN core GELU(depthwise 3x3 conv) with fc1's bias folded in (backward 4-15x faster than XLA's
 form of the same sums), the attention core softmax(q k^T / sqrt(D)) v over few keys
 (1.3-2.8x), LayerNorm (one pass each way) and the weight gradient x^T g of layers with a narrow
 side (1.4-3x); see each file's header. They are built here rather than at install time so that
 they always match the running jaxlib's FFI headers and the CPU they run on (`-march=native`),
 and so that a missing compiler costs speed, not the install: `available()` is then False, with
-one warning, and `ops` uses its XLA forms. Each call is declared to XLA's partitioner
+one warning, and `pvt_jax.cpu.ops` uses XLA forms. Each call is declared to XLA's partitioner
 (`custom_partitioning`), so sharded batches run per device.
 
 Libraries are cached under $PVT_JAX_CACHE_DIR (default ~/.cache/pvt_jax), keyed by a hash of the
 sources, the FFI headers, the compiler and this CPU, so changing any of them rebuilds.
 PVT_JAX_CPU_KERNELS=0 turns the kernels off (A/B timing, debugging)."""
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -33,7 +32,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_SOURCES = pathlib.Path(__file__).parent / "kernels"
+_SOURCES = pathlib.Path(__file__).parent / "csrc"
 _TARGETS = {"pvt_depthwise_gelu": "PvtDepthwiseGeluForward",
             "pvt_depthwise_gelu_backward": "PvtDepthwiseGeluBackward",
             "pvt_attention": "PvtAttentionForward",
@@ -119,28 +118,6 @@ def available() -> bool:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
   return True
-
-
-_suspensions = 0
-
-
-@contextlib.contextmanager
-def suspended():
-  """Within this context `enabled()` is False: `ops` traces XLA's forms (e.g. for XLA's FLOP
-  count, which cannot see into an FFI call). It applies to what is traced here: jit reuses an
-  earlier trace of the same function."""
-  global _suspensions
-  _suspensions += 1
-  try:
-    yield
-  finally:
-    _suspensions -= 1
-
-
-def enabled() -> bool:
-  """Whether `ops` uses the kernels now (float32 maps): JAX's default backend is the CPU, they
-  are `available()` and not `suspended()`."""
-  return not _suspensions and jax.default_backend() == "cpu" and available()
 
 
 def _require() -> None:
