@@ -1,5 +1,7 @@
-"""The notebooks run end to end offline, and are stored without outputs."""
+"""The notebooks run end to end offline, as Jupyter and nbconvert run them (the kernel in the
+notebook's own folder), write only under their WORKDIR, and are stored without outputs."""
 
+import ast
 import json
 import os
 import re
@@ -15,19 +17,28 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 COLAB_URL = "https://colab.research.google.com/github/pvt-jax/pvt_jax/blob/main/notebooks/{}"
 
 
-def with_parameters(notebook, **values):
-  """Papermill's convention without papermill: a cell after the one tagged "parameters"."""
+def parameters_index(notebook) -> int:
   (index,) = [i for i, cell in enumerate(notebook.cells)
               if "parameters" in cell.metadata.get("tags", [])]
+  return index
+
+
+def parameter_names(notebook) -> set[str]:
+  """The names the "parameters" cell assigns."""
+  tree = ast.parse(notebook.cells[parameters_index(notebook)].source)
+  return {target.id for node in tree.body if isinstance(node, ast.Assign)
+          for target in node.targets if isinstance(target, ast.Name)}
+
+
+def with_parameters(notebook, **values):
+  """Papermill's convention without papermill: a cell after the one tagged "parameters"."""
   overrides = "\n".join(f"{name} = {value!r}" for name, value in values.items())
-  notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
+  notebook.cells.insert(parameters_index(notebook) + 1, nbformat.v4.new_code_cell(overrides))
   return notebook
 
 
-def execute(name, tmp_path, monkeypatch, **values):
-  """Runs the notebook from the repository root (as after `%cd pvt_jax` in Colab)."""
-  notebook = with_parameters(nbformat.read(ROOT / "notebooks" / name, as_version=4),
-                             WORKDIR=str(tmp_path), **values)
+def run_kernel(notebook, cwd, monkeypatch):
+  """Executes `notebook` as nbconvert does, with the kernel started in `cwd`."""
   # The kernel, and the command lines it starts, import this checkout and share the suite's
   # persistent compilation cache (tests/test_train.py), so a program compiles once.
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
@@ -37,7 +48,7 @@ def execute(name, tmp_path, monkeypatch, **values):
                                                  "pvt_jax_test_compile_cache")))
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   NotebookClient(notebook, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(ROOT)}}).execute()
+                 resources={"metadata": {"path": str(cwd)}}).execute()
   return notebook
 
 
@@ -51,9 +62,39 @@ def image_outputs(notebook):
           if "image/png" in output.get("data", {})]
 
 
-def test_there_are_three_notebooks():
-  assert [p.name for p in NOTEBOOKS] == [
-      "01_inference.ipynb", "02_finetune.ipynb", "03_convert_verify.ipynb"]
+def check_inference(notebook, workdir):
+  text = text_output(notebook)
+  assert "random" in text  # the offline stand-in was announced
+  top5 = re.findall(r"^\s*(\d+\.\d+)%\s+\S", text, re.M)
+  assert len(top5) == 5 and sorted(map(float, top5), reverse=True) == list(map(float, top5))
+  assert len(image_outputs(notebook)) == 1  # the photo and the four feature maps in one figure
+  assert (workdir / "pvt_v2_b0_flax").is_dir()
+
+
+def check_finetune(notebook, workdir):
+  records = [json.loads(line) for line in (workdir / "finetune" / "metrics.jsonl").open()]
+  assert [r["step"] for r in records if "train/loss" in r] == [5, 10, 15, 20]  # the short mode
+  assert len(image_outputs(notebook)) == 1  # one live figure, updated in place
+  scores = json.loads(re.search(r"^\{.*?^\}", text_output(notebook), re.S | re.M).group(0))
+  assert scores["step"] == 20 and 0.0 <= scores["top1"] <= 1.0
+
+
+def check_convert_verify(notebook, workdir):
+  text = text_output(notebook)
+  worst = [float(x) for x in re.findall(r"(\d\.\de-\d\d)", text)]
+  assert len(worst) == 10 and max(worst) < 5e-5  # logits + 4 maps, for 2 inputs
+  assert "bit-identical" in text
+  assert len(image_outputs(notebook)) == 1
+  assert (workdir / "exported_pvt_v2_b0.pth").is_file()
+
+
+# What each notebook must show beyond running without an error (others only have to run).
+CHECKS = {"01_inference.ipynb": check_inference, "02_finetune.ipynb": check_finetune,
+          "03_convert_verify.ipynb": check_convert_verify}
+
+
+def files_under(directory: Path) -> set[Path]:
+  return {p for p in directory.rglob("*") if ".ipynb_checkpoints" not in p.parts}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -71,32 +112,40 @@ def test_notebook_opens_in_colab(path):
   assert COLAB_URL.format(path.name) in first.source
 
 
-def test_inference_notebook(tmp_path, monkeypatch):
-  notebook = execute("01_inference.ipynb", tmp_path, monkeypatch, WEIGHTS_URL="")
-  text = text_output(notebook)
-  assert "random" in text  # the offline stand-in was announced
-  top5 = re.findall(r"^\s*(\d+\.\d+)%\s+\S", text, re.M)
-  assert len(top5) == 5 and sorted(map(float, top5), reverse=True) == list(map(float, top5))
-  assert len(image_outputs(notebook)) == 1  # the photo and the four feature maps in one figure
-  assert (tmp_path / "pvt_v2_b0_flax").is_dir()
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("kernel_folder", ["notebooks", "elsewhere"])
+def test_notebook_outputs_default_to_the_clones_runs(path, kernel_folder, tmp_path, monkeypatch):
+  """Up to its parameters: WORKDIR is in <clone>/runs/ whether the kernel starts in notebooks/
+  (Jupyter, nbconvert) or outside the clone (found through the installed package)."""
+  notebook = nbformat.read(path, as_version=4)
+  notebook.cells = notebook.cells[:parameters_index(notebook) + 1]
+  notebook.cells.append(nbformat.v4.new_code_cell(
+      "import os\nprint('WORKDIR=' + os.path.abspath(WORKDIR))"))
+  cwd = path.parent if kernel_folder == "notebooks" else tmp_path
+  workdir = Path(re.search(r"^WORKDIR=(.*)$", text_output(run_kernel(notebook, cwd, monkeypatch)),
+                           re.M).group(1))
+  assert workdir.is_relative_to(ROOT / "runs"), workdir
 
 
-def test_finetune_notebook(tmp_path, tiny_fashion_mnist, tfds_data_dir, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.torch
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_offline_from_its_folder(path, tmp_path, tiny_fashion_mnist,
+                                               tfds_data_dir, monkeypatch):
+  """Each notebook in its short, offline mode, where its parameters offer one (WEIGHTS_URL = ""
+  for random stand-in weights, SHORT = True), writing into the given WORKDIR only."""
   monkeypatch.setenv("TFDS_DATA_DIR", tfds_data_dir)  # the trainer started by the notebook
-  notebook = execute("02_finetune.ipynb", tmp_path, monkeypatch, WEIGHTS_URL="",
-                     FASHION_MNIST_DIR=str(tiny_fashion_mnist), IMAGE_SIZE=32, BATCH_SIZE=8,
-                     TRAIN_STEPS=4, LOG_EVERY=2, EVAL_EVERY=4)
-  records = [json.loads(line) for line in (tmp_path / "finetune" / "metrics.jsonl").open()]
-  assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
-  assert len(image_outputs(notebook)) == 1  # one live figure, updated in place
-  scores = json.loads(re.search(r"^\{.*?^\}", text_output(notebook), re.S | re.M).group(0))
-  assert scores["step"] == 4 and 0.0 <= scores["top1"] <= 1.0
-
-
-def test_convert_verify_notebook(tmp_path, monkeypatch):
-  notebook = execute("03_convert_verify.ipynb", tmp_path, monkeypatch, WEIGHTS_URL="")
-  text = text_output(notebook)
-  worst = [float(x) for x in re.findall(r"(\d\.\de-\d\d)", text)]
-  assert len(worst) == 10 and max(worst) < 5e-5  # logits + 4 maps, for 2 inputs
-  assert "bit-identical" in text
-  assert len(image_outputs(notebook)) == 1
+  notebook = nbformat.read(path, as_version=4)
+  offline = {"WEIGHTS_URL": "", "SHORT": True, "FASHION_MNIST_DIR": str(tiny_fashion_mnist)}
+  names = parameter_names(notebook)
+  assert "WORKDIR" in names, "the parameters cell sets WORKDIR, where all outputs go"
+  workdir = tmp_path / "workdir"
+  notebook = with_parameters(notebook, WORKDIR=str(workdir),
+                             **{k: v for k, v in offline.items() if k in names})
+  before = files_under(ROOT / "notebooks")
+  run_kernel(notebook, path.parent, monkeypatch)
+  assert files_under(ROOT / "notebooks") == before  # nothing written beside the notebooks
+  assert workdir.is_dir()
+  if path.name in CHECKS:
+    CHECKS[path.name](notebook, workdir)
