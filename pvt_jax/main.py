@@ -35,7 +35,8 @@ def main(argv) -> None:
   cli.quiet_logging()
   cli.initialize_distributed()
   try:
-    result = loop.train_and_evaluate(config, _WORKDIR.value)
+    with cli.peer_loss_exits():
+      result = loop.train_and_evaluate(config, _WORKDIR.value)
   except checkpointing.SaveError as error:
     cli.fail(str(error), abandon_threads=True)
   except cli.USER_ERRORS as error:

@@ -3,13 +3,25 @@
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
+STARTUP_S = 900  # two trainers importing, preparing data and compiling on 2 loaded cores
+
+
+def free_port() -> int:
+  """A port nothing listens on now (rather than one derived from the pid, which can collide)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def run(command, env=None, timeout=600):
@@ -33,7 +45,7 @@ def test_two_local_processes_train_as_one_job(tmp_path, tiny_fashion_mnist):
                 f"--config.data_dir={tfds_data_dir}", "--config.num_train_steps=4",
                 "--config.eval_every_steps=4", "--config.checkpoint_every_steps=4",
                 "--config.log_every_steps=2", "--config.progress_bar=False"],
-               env={"PORT": str(12000 + os.getpid() % 2000)})
+               env={"PORT": str(free_port())})
   logs = {i: (workdir / f"process_{i}.log").read_text() for i in (0, 1)}
   assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
@@ -41,6 +53,99 @@ def test_two_local_processes_train_as_one_job(tmp_path, tiny_fashion_mnist):
   (final_eval,) = [r for r in records if "eval/top1" in r]
   assert final_eval["step"] == 4 and final_eval["eval/count"] == 50  # each test example once
   assert "step 4: eval" in logs[0] and "step 4: eval" not in logs[1]  # process 0 reports
+
+
+def training_flags(tmp_path, fashion_mnist_dir):
+  """A smoke-config run that trains until stopped, logging every step."""
+  return ["--config=configs/b0.py:runlocal", f"--config.fashion_mnist_dir={fashion_mnist_dir}",
+          f"--config.data_dir={tmp_path / 'tfds'}", "--config.num_train_steps=1000000",
+          "--config.log_every_steps=1", "--config.eval_every_steps=1000000",
+          "--config.checkpoint_every_steps=1000000", "--config.progress_bar=False"]
+
+
+def wait_until_training(workdir: Path, processes) -> None:
+  """Until process 0 has logged a train step (so every process is in the training loop)."""
+  deadline = time.monotonic() + STARTUP_S
+  metrics = workdir / "metrics.jsonl"
+  while not (metrics.exists() and metrics.read_text().count("\n")):
+    assert all(p.poll() is None for p in processes), "a process ended before training"
+    assert time.monotonic() < deadline, "no train step logged"
+    time.sleep(0.5)
+
+
+def trainer_pids(launcher_pid: int) -> dict[int, int]:
+  """{process_id: pid} of the trainers a launcher started (its children, from /proc)."""
+  pids = {}
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+      cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+    except OSError:  # exited meanwhile
+      continue
+    if int(fields[1]) == launcher_pid and b"pvt_jax.main" in cmdline:
+      (process_id,) = [a for a in cmdline if a.startswith(b"--process_id=")]
+      pids[int(process_id.split(b"=")[1])] = int(stat.parent.name)
+  return pids
+
+
+def alive(pid: int) -> bool:
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+def test_local_launcher_stops_the_others_when_a_process_dies(tmp_path, tiny_fashion_mnist):
+  workdir = tmp_path / "run"
+  flags = training_flags(tmp_path, tiny_fashion_mnist)
+  launcher = subprocess.Popen(
+      [str(LAUNCH / "local_multiprocess.sh"), "2", flags[0].split("=", 1)[1], str(workdir),
+       *flags[1:]], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "PYTHONPATH": str(ROOT), "PORT": str(free_port()), "GRACE_S": "10"})
+  try:
+    wait_until_training(workdir, [launcher])
+    pids = trainer_pids(launcher.pid)
+    assert sorted(pids) == [0, 1]
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = launcher.communicate(timeout=60)
+    elapsed = time.monotonic() - killed
+  finally:
+    launcher.kill()
+  assert launcher.returncode == 128 + signal.SIGKILL, stderr
+  assert "error: process 1 exited with status 137" in stderr
+  assert not alive(pids[0])  # the survivor did not outlive the launcher
+  assert elapsed < 10 + 5, elapsed  # well within the SIGTERM grace period and the SIGKILL
+
+
+@pytest.mark.slow
+def test_a_survivor_of_a_dead_peer_exits_in_one_line_within_the_timeout(tmp_path,
+                                                                         tiny_fashion_mnist):
+  """Started directly (no launcher to stop it), the other process ends on its own, with one
+  `error:` line, no traceback and no JAX abort, well before --distributed_timeout_s."""
+  workdir, port = tmp_path / "run", free_port()
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "pvt_jax.main", *training_flags(tmp_path, tiny_fashion_mnist),
+       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}", "--distributed_timeout_s=20"], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+  try:
+    wait_until_training(workdir, processes)
+    processes[1].kill()
+    killed = time.monotonic()
+    _, stderr = processes[0].communicate(timeout=120)
+    elapsed = time.monotonic() - killed
+  finally:
+    for process in processes:
+      process.kill()
+  assert processes[0].returncode == 1, stderr[-3000:]
+  (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert line.startswith("error: process 0 of 2: another process stopped (Gloo"), line
+  assert "Traceback" not in stderr and "Fatal Python error" not in stderr
+  assert elapsed < 20, elapsed
 
 
 def test_local_launcher_fails_with_the_first_failing_process(tmp_path):

@@ -29,6 +29,13 @@ flags.DEFINE_bool("distributed", False,
                   "always call jax.distributed.initialize() and let JAX find the cluster: for TPU "
                   "pods, whose workers learn their peers from the metadata server, not the "
                   "environment (launch/tpu_pod.sh passes it)")
+flags.DEFINE_integer("distributed_timeout_s", 100,
+                     "multi-process runs: seconds without a heartbeat after which a process "
+                     "counts as dead and the others stop (JAX's heartbeat timeout)")
+
+# How a collective reports a peer that died (gloo on CPU, the coordination service elsewhere).
+_PEER_LOST = re.compile(r"(Gloo \S+ failed|Connection (closed|reset) by peer|heartbeat timeout"
+                        r"|tasks are unhealthy)")
 
 
 def fail(message: str, status: int = 1, *, abandon_threads: bool = False) -> None:
@@ -141,10 +148,33 @@ def _cluster_detected() -> bool:
 def initialize_distributed() -> None:
   """jax.distributed from the explicit flags, or from the cluster environment when there is one."""
   f = flags.FLAGS
+  timeouts = {"heartbeat_timeout_seconds": f.distributed_timeout_s}
   if f.coordinator_address:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process
     jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                               num_processes=f.num_processes, process_id=f.process_id)
+                               num_processes=f.num_processes, process_id=f.process_id, **timeouts)
   elif f.distributed or _cluster_detected():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
+
+
+@contextlib.contextmanager
+def peer_loss_exits():
+  """A collective that fails because another process died ends this one at once, in one line.
+
+  Without it the error is a traceback, and then JAX's exit handler waits at the shutdown barrier
+  for the dead peer until its heartbeat times out and aborts the process ("Fatal Python error:
+  Aborted", tens of lines). The peer is named as the collective names it (gloo: its address);
+  which process id it was, the coordination service only knows after the heartbeat timeout.
+  """
+  try:
+    yield
+  except Exception as error:
+    found = _PEER_LOST.search(str(error)) if jax.process_count() > 1 else None
+    if found is None:
+      raise
+    line = next(line for line in str(error).splitlines() if found.group(0) in line)
+    line = re.sub(r"^[A-Z_]+: |\[[\w/.]+:\d+\] ", "", line.strip())  # status, gloo source
+    fail(f"process {jax.process_index()} of {jax.process_count()}: another process stopped "
+         f"({line}); stopped without saving (restart all processes to resume from the latest "
+         f"checkpoint)", abandon_threads=True)
