@@ -31,7 +31,8 @@ flags.DEFINE_bool("distributed", False,
                   "environment (launch/tpu_pod.sh passes it)")
 flags.DEFINE_integer("distributed_timeout_s", 100,
                      "multi-process runs: seconds without a heartbeat after which a process "
-                     "counts as dead and the others stop (JAX's heartbeat timeout)")
+                     "counts as dead and the others stop (JAX's heartbeat timeout)",
+                     lower_bound=1)
 
 # How a collective reports a peer that died (gloo on CPU, the coordination service elsewhere).
 _PEER_LOST = re.compile(r"(Gloo \S+ failed|Connection (closed|reset) by peer|heartbeat timeout"
