@@ -37,23 +37,33 @@ def _architecture(shapes: dict) -> dict:
             for i in range(1, 5)]
   hidden = [rows(f"block{i}.0.mlp.fc1.weight") for i in range(1, 5)]
   ratios = [h // d if h and d else None for h, d in zip(hidden, dims, strict=True)]
+  stem = shapes.get("patch_embed1.proj.weight")
   return {"embed dims": tuple(dims), "depths": tuple(depths), "mlp ratios": tuple(ratios),
-          "linear": "block4.0.attn.sr.weight" in shapes}
+          "linear": "block4.0.attn.sr.weight" in shapes,
+          "overlapping patches": stem is not None and len(stem) == 4 and stem[2] > 4,
+          "conv ffn": "block1.0.mlp.dwconv.dwconv.weight" in shapes,
+          "position embedding": "pos_embed1" in shapes}
+
+
+_SWITCHES = ("linear", "overlapping patches", "conv ffn", "position embedding")
 
 
 def _describe(variant: str) -> dict:
   v = VARIANTS[variant]
   return {"embed dims": tuple(v.embed_dims), "depths": tuple(v.depths),
-          "mlp ratios": tuple(v.mlp_ratios), "linear": v.linear}
+          "mlp ratios": tuple(v.mlp_ratios), "linear": v.linear,
+          "overlapping patches": v.overlapping_patches, "conv ffn": v.conv_ffn,
+          "position embedding": v.position_embedding}
 
 
 def detect_variant(shapes: dict) -> str:
-  """The variant whose embed dims, depths, mlp ratios and attention type best fit the shapes."""
+  """The variant whose embed dims, depths, mlp ratios, attention, patch embedding, FFN and
+  position embedding (v1 or v2) best fit the shapes."""
   found = _architecture(shapes)
 
   def agreement(variant):
     expected = _describe(variant)
-    score = int(found["linear"] == expected["linear"])
+    score = sum(found[key] == expected[key] for key in _SWITCHES)
     for key in ("embed dims", "depths", "mlp ratios"):
       score += sum(a == b for a, b in zip(found[key], expected[key], strict=True))
     return score

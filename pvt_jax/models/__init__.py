@@ -1,19 +1,20 @@
-"""The PVT v2 network and its constructor."""
+"""The PVT network (v2, and v1 as its Table 6 switches) and its constructor."""
 
 import jax.numpy as jnp
 
-from pvt_jax.models.pvt_v2 import VARIANTS, PyramidVisionTransformerV2, Variant
+from pvt_jax.models.pvt_v2 import V2_VARIANTS, VARIANTS, PyramidVisionTransformerV2, Variant
 
 
 def create_model(variant: str, num_classes: int = 1000, drop_path_rate: float = 0.0,
                  dtype=jnp.float32, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0) -> PyramidVisionTransformerV2:
-  """A PVT v2 module by variant name (b0, b1, b2, b2_li, b3, b4, b5); params are always fp32."""
+  """A PVT module by variant name (b0 ... b5, b2_li; v1_tiny ... v1_large; v1_small_ope);
+  params are always fp32."""
   if variant not in VARIANTS:
-    raise ValueError(f"unknown PVT v2 variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown PVT variant {variant!r}; choose one of {', '.join(VARIANTS)}")
   return PyramidVisionTransformerV2(VARIANTS[variant], num_classes=num_classes,
                                     drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                                     drop_path_rate=drop_path_rate, dtype=dtype)
 
 
-__all__ = ["VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model"]
+__all__ = ["V2_VARIANTS", "VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model"]

@@ -1,0 +1,100 @@
+"""PVT v1 as our model's v1 switches: parameter counts, parity with a PyTorch PVT v1 written from
+the official `classification/pvt.py` (tests/pvt_v1_reference.py; timm has none), the position
+embedding resize, and the official checkpoint layout converting through `pvt_jax.convert`."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pvt_v1_reference import DEPTHS, PyramidVisionTransformer, random_model, resize_position_embedding
+
+from pvt_jax.checkpoints import convert_state_dict
+from pvt_jax.models import VARIANTS, create_model, ops
+
+pytestmark = pytest.mark.torch
+
+TOLERANCE = 5e-5
+# PVT v1 paper, Table 2 (millions of parameters, 1000-class head).
+PAPER_PARAMS = {"v1_tiny": 13.2, "v1_small": 24.5, "v1_medium": 44.2, "v1_large": 61.4}
+
+
+def count(tree):
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def official_shapes(variant, num_classes=1000):
+  """The official state dict's shapes, built from the reference without allocating it."""
+  with torch.device("meta"):
+    model = PyramidVisionTransformer(DEPTHS[variant], num_classes)
+  return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", sorted(PAPER_PARAMS))
+def test_parameter_counts_are_the_official_checkpoints(variant):
+  shapes = official_shapes(variant)
+  assert round(sum(math.prod(s) for s in shapes.values()) / 1e6, 1) == PAPER_PARAMS[variant]
+  ours = jax.eval_shape(create_model(variant).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+  assert count(ours) == sum(math.prod(s) for s in shapes.values())
+  assert VARIANTS[variant].official.params == count(ours)
+
+
+def test_ablation_ope_row_is_b2_without_depthwise_convs():
+  b2, ope = VARIANTS["b2"], VARIANTS["v1_small_ope"]
+  dwconvs = sum(d * r * 10 * n for d, r, n in zip(b2.embed_dims, b2.mlp_ratios, b2.depths,
+                                                  strict=True))  # 3x3 kernel + bias per channel
+  assert ope.official.params == b2.official.params - dwconvs
+
+
+@pytest.mark.parametrize("grid,size", [(7, (7, 7)), (56, (50, 38)), (14, (17, 23)), (7, (1, 2)), (7, (40, 9))])
+def test_position_embedding_resize_is_torch_bilinear(grid, size):
+  table = np.random.default_rng(grid).standard_normal((1, grid * grid, 24), np.float32)
+  expected = F.interpolate(torch.from_numpy(table).reshape(1, grid, grid, 24).permute(0, 3, 1, 2),
+                           size=size, mode="bilinear").permute(0, 2, 3, 1)[0].numpy()
+  ours = ops.bilinear_resize(jnp.asarray(table[0].reshape(grid, grid, 24)), size)
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=5e-6)  # float32 rounding
+  # The reference's resize is the official one (a table on its own grid is kept as it is).
+  reference = resize_position_embedding(torch.from_numpy(table), grid, *size)[0].numpy()
+  np.testing.assert_allclose(reference.reshape(*size, 24), expected, rtol=0, atol=0)
+
+
+def _outputs(reference, images):
+  with torch.no_grad():
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    return reference(x).numpy(), [m.numpy().transpose(0, 2, 3, 1) for m in
+                                  reference.stage_maps(x)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,sizes", [
+    ("v1_tiny", [(2, 224, 224), (2, 200, 152)]),
+    ("v1_small", [(1, 136, 200)]),
+])
+def test_logits_and_stage_maps_match_the_reference(variant, sizes):
+  reference = random_model(variant, seed=len(variant))
+  conversion = convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()})
+  assert (conversion.variant, conversion.num_classes) == (variant, 1000)
+  model = create_model(variant)
+  logits_fn = jax.jit(model.apply)
+  maps_fn = jax.jit(lambda v, x: model.apply(v, x, method="features"))
+  rng = np.random.default_rng(0)
+  for batch, height, width in sizes:
+    images = rng.standard_normal((batch, height, width, 3), np.float32)
+    expected_logits, expected_maps = _outputs(reference, images)
+    assert np.abs(expected_logits).max() > 0.1
+    diffs = [np.abs(np.asarray(logits_fn(conversion.variables, images)) - expected_logits).max()]
+    maps = maps_fn(conversion.variables, images)
+    diffs += [np.abs(np.asarray(ours) - theirs).max()
+              for ours, theirs in zip(maps, expected_maps, strict=True)]
+    print(f"{variant} {height}x{width}: max |diff| logits, maps {diffs}")
+    assert max(diffs) <= TOLERANCE, diffs
+
+
+def test_detected_from_official_shapes():
+  for variant in DEPTHS:
+    state = {k: np.zeros(s, np.float32) for k, s in official_shapes(variant, 0).items()}
+    conversion = convert_state_dict(state)
+    assert (conversion.variant, conversion.num_classes) == (variant, 0)
