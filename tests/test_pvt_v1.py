@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from absl import flags
 from pvt_v1_reference import DEPTHS, PyramidVisionTransformer, random_model, resize_position_embedding
 
-from pvt_jax.checkpoints import convert_state_dict
+from torch_reference import save
+
+from pvt_jax import convert
+from pvt_jax.checkpoints import convert_state_dict, load_converted, load_pretrained, read_state_dict
 from pvt_jax.models import VARIANTS, create_model, ops
 
 pytestmark = pytest.mark.torch
@@ -98,3 +102,50 @@ def test_detected_from_official_shapes():
     state = {k: np.zeros(s, np.float32) for k, s in official_shapes(variant, 0).items()}
     conversion = convert_state_dict(state)
     assert (conversion.variant, conversion.num_classes) == (variant, 0)
+
+
+def run_convert(*args):
+  flag_values = flags.FlagValues()
+  convert.define_flags(flag_values)
+  flag_values(["convert", *args])
+  return convert.run(flag_values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("filename", ["pvt_tiny.pth", "pvt_tiny.safetensors"])
+def test_official_v1_checkpoint_converts_and_exports_back_exactly(filename, tmp_path, capsys):
+  reference = random_model("v1_tiny", seed=3)
+  state = {k: v.numpy() for k, v in reference.state_dict().items()}
+  # The official release files are raw state dicts; its training checkpoints wrap them in 'model'.
+  source = save(tmp_path / filename, state, wrap="model" if filename.endswith(".pth") else None)
+  output = tmp_path / "converted"
+  assert run_convert(f"--input={source}", f"--output={output}") == 0
+  assert "pvt_v1_tiny, 1000 classes" in capsys.readouterr().out
+  assert load_converted(output).metadata["variant"] == "v1_tiny"
+
+  model, variables = load_pretrained(output)
+  images = np.random.default_rng(1).standard_normal((1, 96, 64, 3), np.float32)
+  expected, _ = _outputs(reference, images)
+  assert np.abs(np.asarray(jax.jit(model.apply)(variables, images)) - expected).max() <= TOLERANCE
+
+  exported = tmp_path / f"exported{source.suffix}"
+  assert run_convert("--export=official", f"--input={output}", f"--output={exported}") == 0
+  back = read_state_dict(exported)
+  assert sorted(back) == sorted(state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_v1_has_only_the_official_layout(tmp_path, capsys):
+  state = {k: np.zeros(s, np.float32) for k, s in official_shapes("v1_tiny", 0).items()}
+  source = save(tmp_path / "pvt_tiny.safetensors", state)
+  assert run_convert(f"--input={source}", f"--output={tmp_path / 'a'}", "--verify") == 1
+  assert "--verify compares with timm, which has no pvt_v1_tiny" in capsys.readouterr().err
+  assert not (tmp_path / "a").exists()
+  assert run_convert(f"--input={source}", f"--output={tmp_path / 'b'}") == 0
+  target = tmp_path / "timm.safetensors"
+  assert run_convert("--export=timm", f"--input={tmp_path / 'b'}", f"--output={target}") == 1
+  error = capsys.readouterr().err.strip()
+  assert error == ("error: the timm layout has no PVT v1 keys (such as pos_embed1); export PVT v1 "
+                   "in the official layout")
+  assert not target.exists()

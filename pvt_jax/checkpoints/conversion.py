@@ -9,7 +9,7 @@ import numpy as np
 from pvt_jax.checkpoints import layouts
 from pvt_jax.checkpoints.errors import CheckpointError
 from pvt_jax.checkpoints.files import read_state_dict
-from pvt_jax.models import VARIANTS
+from pvt_jax.models import VARIANTS, model_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +111,12 @@ def convert_state_dict(state_dict: dict, variant: str | None = None) -> Conversi
   if chosen not in VARIANTS:
     raise CheckpointError(f"unknown variant {chosen!r}; choose one of {', '.join(VARIANTS)}")
   try:
-    check_keys(state_dict, layouts.expected_shapes(chosen, num_classes, fmt), f"pvt_v2_{chosen}")
+    check_keys(state_dict, layouts.expected_shapes(chosen, num_classes, fmt), model_name(chosen))
   except CheckpointError as error:
     hint = ""
     if variant and detected != variant:
       found = _architecture(shapes)
-      hint = (f"; the checkpoint is pvt_v2_{detected}" if found == _describe(detected) else
+      hint = (f"; the checkpoint is {model_name(detected)}" if found == _describe(detected) else
               "; the checkpoint has " + ", ".join(f"{k} {v}" for k, v in found.items()))
     raise CheckpointError(f"{error.message} ({fmt} layout{hint})") from None
   official = {key: np.asarray(value, np.float32)
@@ -133,5 +133,9 @@ def convert_file(path, variant: str | None = None) -> Conversion:
 
 
 def export_state_dict(params, fmt: str) -> dict:
-  """Our params -> a state dict (numpy) in the official, timm or HF layout."""
-  return layouts.from_official(layouts.params_to_official(params), fmt)
+  """Our params -> a state dict (numpy) in the official, timm or HF layout (PVT v1: official)."""
+  official = layouts.params_to_official(params)
+  if fmt != "official" and (v1_keys := [key for key in layouts.V1_KEYS if key in official]):
+    raise CheckpointError(f"the {fmt} layout has no PVT v1 keys (such as {v1_keys[0]}); export "
+                          f"PVT v1 in the official layout")
+  return layouts.from_official(official, fmt)

@@ -17,4 +17,9 @@ def create_model(variant: str, num_classes: int = 1000, drop_path_rate: float = 
                                     drop_path_rate=drop_path_rate, dtype=dtype)
 
 
-__all__ = ["V2_VARIANTS", "VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model"]
+def model_name(variant: str) -> str:
+  """The official name of a variant: pvt_v2_b2, pvt_v1_small (the v1 paper's PVT-Small)."""
+  return f"pvt_{variant}" if variant.startswith("v1") else f"pvt_v2_{variant}"
+
+
+__all__ = ["V2_VARIANTS", "VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model", "model_name"]
