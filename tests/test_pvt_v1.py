@@ -2,11 +2,13 @@
 the official `classification/pvt.py` (tests/pvt_v1_reference.py; timm has none), the position
 embedding resize, and the official checkpoint layout converting through `pvt_jax.convert`."""
 
+import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,8 +18,14 @@ from pvt_v1_reference import DEPTHS, PyramidVisionTransformer, random_model, res
 from torch_reference import save
 
 from pvt_jax import convert
-from pvt_jax.checkpoints import convert_state_dict, load_converted, load_pretrained, read_state_dict
-from pvt_jax.models import VARIANTS, create_model, ops
+from pvt_jax.checkpoints import (
+    convert_state_dict,
+    export_state_dict,
+    load_converted,
+    load_pretrained,
+    read_state_dict,
+)
+from pvt_jax.models import VARIANTS, Variant, create_model, ops
 
 pytestmark = pytest.mark.torch
 
@@ -149,3 +157,45 @@ def test_v1_has_only_the_official_layout(tmp_path, capsys):
   assert error == ("error: the timm layout has no PVT v1 keys (such as pos_embed1); export PVT v1 "
                    "in the official layout")
   assert not target.exists()
+
+
+SWITCHES = ("overlapping_patches", "position_embedding", "conv_ffn", "linear")
+
+
+@pytest.mark.slow
+def test_every_switch_combination_builds_trains_and_converts(monkeypatch):
+  """All 16 settings of the four switches, at tiny widths: one AdamW step (eagerly: the combos
+  share their ops' compilations, where 16 jitted steps would each compile anew), every
+  parameter with a gradient, and the official state dict converting back to the same params."""
+  images = np.random.default_rng(1).standard_normal((2, 64, 48, 3), np.float32)
+  tx = optax.adamw(1e-3)
+  for switches in itertools.product((False, True), repeat=4):
+    variant = Variant((16, 32, 80, 128), (1, 1, 1, 1), (4, 4, 4, 4), VARIANTS["b0"].official,
+                      **dict(zip(SWITCHES, switches, strict=True)))
+    name = "combo_" + "".join("01"[x] for x in switches)
+    monkeypatch.setitem(VARIANTS, name, variant)  # a named variant, as conversion detects them
+    model = create_model(name, num_classes=10, drop_path_rate=0.1, drop_rate=0.1)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s, rng=rng: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype),
+                          shapes)
+
+    def loss(p, model=model):
+      logits = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(2)})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1, 7])).mean()
+
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    params = optax.apply_updates(params, updates)
+    assert np.isfinite(value), name
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads)), name  # all are used
+
+    state = export_state_dict(params, "official")
+    assert ("pos_embed1" in state, "cls_token" in state) == (
+        variant.position_embedding, variant.class_token), name
+    assert ("block1.0.mlp.dwconv.dwconv.weight" in state) == variant.conv_ffn, name
+    assert state["patch_embed1.proj.weight"].shape[2] == (7 if variant.overlapping_patches else 4)
+    conversion = convert_state_dict(state)
+    assert conversion.variant == name
+    jax.tree.map(np.testing.assert_array_equal, conversion.params,
+                 jax.tree.map(np.asarray, params))
