@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_reference import randomize_biases_and_norms
 
 DEPTHS = {"v1_tiny": (2, 2, 2, 2), "v1_small": (3, 4, 6, 3), "v1_medium": (3, 4, 18, 3),
           "v1_large": (3, 8, 27, 3)}
@@ -149,13 +150,12 @@ def random_model(variant, num_classes=1000, seed=0):
   eval mode; the head scaled so logits are O(1)."""
   torch.manual_seed(seed)
   model = PyramidVisionTransformer(DEPTHS[variant], num_classes)
+  randomize_biases_and_norms(model)
   with torch.no_grad():
     for name, param in model.named_parameters():
-      if name.endswith(".bias"):
-        param.normal_(0.0, 0.05)
-      elif param.ndim == 1:  # LayerNorm weights
-        param.normal_(1.0, 0.2)
-      elif name.startswith(("pos_embed", "cls_token")):
+      if name.endswith(".bias") or param.ndim == 1:
+        continue
+      if name.startswith(("pos_embed", "cls_token")):
         param.normal_(0.0, 0.5)
       else:
         param.normal_(0.0, 1.0 / math.sqrt(param[0].numel()))

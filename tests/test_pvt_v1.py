@@ -13,17 +13,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from absl import flags
-from pvt_v1_reference import DEPTHS, PyramidVisionTransformer, random_model, resize_position_embedding
-
+from pvt_v1_reference import (
+  DEPTHS,
+  PyramidVisionTransformer,
+  random_model,
+  resize_position_embedding,
+)
 from torch_reference import save
 
 from pvt_jax import convert
 from pvt_jax.checkpoints import (
-    convert_state_dict,
-    export_state_dict,
-    load_converted,
-    load_pretrained,
-    read_state_dict,
+  convert_state_dict,
+  export_state_dict,
+  load_converted,
+  load_pretrained,
+  read_state_dict,
 )
 from pvt_jax.models import VARIANTS, Variant, create_model, ops
 
@@ -61,7 +65,8 @@ def test_ablation_ope_row_is_b2_without_depthwise_convs():
   assert ope.official.params == b2.official.params - dwconvs
 
 
-@pytest.mark.parametrize("grid,size", [(7, (7, 7)), (56, (50, 38)), (14, (17, 23)), (7, (1, 2)), (7, (40, 9))])
+@pytest.mark.parametrize("grid,size", [(7, (7, 7)), (56, (50, 38)), (14, (17, 23)), (7, (1, 2)),
+                                       (7, (40, 9))])
 def test_position_embedding_resize_is_torch_bilinear(grid, size):
   table = np.random.default_rng(grid).standard_normal((1, grid * grid, 24), np.float32)
   expected = F.interpolate(torch.from_numpy(table).reshape(1, grid, grid, 24).permute(0, 3, 1, 2),

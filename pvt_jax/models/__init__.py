@@ -2,7 +2,12 @@
 
 import jax.numpy as jnp
 
-from pvt_jax.models.pvt_v2 import V2_VARIANTS, VARIANTS, PyramidVisionTransformerV2, Variant
+from pvt_jax.models.pvt_v2 import (
+    V2_VARIANTS,
+    VARIANTS,
+    PyramidVisionTransformerV2,
+    Variant,
+)
 
 
 def create_model(variant: str, num_classes: int = 1000, drop_path_rate: float = 0.0,
@@ -22,4 +27,5 @@ def model_name(variant: str) -> str:
   return f"pvt_{variant}" if variant.startswith("v1") else f"pvt_v2_{variant}"
 
 
-__all__ = ["V2_VARIANTS", "VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model", "model_name"]
+__all__ = ["V2_VARIANTS", "VARIANTS", "PyramidVisionTransformerV2", "Variant", "create_model",
+           "model_name"]
