@@ -8,9 +8,9 @@ against the input scale for PVT v1-Small, B2 and B2-Li, with each curve's growth
   python -m pvt_jax.ablation [--output_dir=benchmarks/ablation] [--sizes=224,448,...]
       [--nodetection]
 
-GFLOPs are XLA's cost analysis of the compiled forward (the plain XLA ops GPUs and TPUs run)
-halved, i.e. multiply-adds, the unit of the paper's "GFLOPs" (mmcv's counter). Writes
-ablation.json, ablation.md and figure4.png into --output_dir.
+GFLOPs are XLA's cost analysis of the forward (`benchmark.xla_flops`: the plain XLA ops GPUs
+and TPUs run, as lowered) halved, i.e. multiply-adds, the unit of the paper's "GFLOPs" (mmcv's
+counter). Writes ablation.json, ablation.md and figure4.png into --output_dir.
 """
 
 import json
@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from pvt_jax import cpu
 from pvt_jax.benchmark import xla_flops
 from pvt_jax.models import VARIANTS, create_model, model_name, retinanet
 
@@ -43,9 +42,7 @@ def forward_gmacs(variant: str, height: int = 224, width: int = 224) -> float:
   def forward(p, x):
     return model.apply({"params": p}, x)
 
-  with cpu.disabled():  # XLA counts no FLOPs in an FFI call: trace the plain forms
-    compiled = jax.jit(forward).lower(params, images).compile()
-    return xla_flops(compiled, forward, params, images) / 2 / 1e9
+  return xla_flops(forward, params, images) / 2 / 1e9
 
 
 def num_params(variant: str) -> int:
@@ -62,8 +59,7 @@ def table6(detection: bool = True) -> list[dict]:
               "retinanet_params_m": retinanet.num_params(variant) / 1e6,
               "paper_retinanet_params_m": paper_params, "paper_retinanet_gflops": paper_gflops}
     if detection:
-      with cpu.disabled():  # one compile: the plain forms are what xla_flops counts
-        result["retinanet_gflops"] = retinanet.forward_gflops(variant)
+      result["retinanet_gflops"] = retinanet.forward_gflops(variant)
     rows.append(result)
   return rows
 
