@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 from pvt_jax import ablation
-from pvt_jax.models import VARIANTS
+from pvt_jax.models import VARIANTS, retinanet
 
 
 def load(name, arg=None):
@@ -50,3 +50,15 @@ def test_classification_gmacs_and_figure4_order():
   curves = ablation.figure4(sizes=(224, 448))
   slopes = [curves[v]["growth"]["slope"] for v in ("v1_small", "b2", "b2_li")]
   assert slopes[0] > slopes[1] > slopes[2]  # the paper: v1-Small grows fastest, B2-Li slowest
+
+
+@pytest.mark.slow
+def test_retinanet_parameters_are_table6s():
+  for _, variant, _, paper_params, _ in ablation.TABLE6:
+    assert round(retinanet.num_params(variant) / 1e6, 1) == paper_params, variant
+
+
+@pytest.mark.slow
+def test_v1_small_retinanet_gflops_are_table6s():
+  assert retinanet.forward_gflops("v1_small") == pytest.approx(285.8, rel=0.01)
+  assert retinanet.forward_gflops("v1_small_ope") == pytest.approx(288.6, rel=0.01)
