@@ -319,8 +319,11 @@ class Stage(nn.Module):
   def __call__(self, x, train: bool, class_token: bool = False):
     v, i = self.variant, self.index
     stride = 4 if i == 0 else 2
-    patch, padding = ((7 if i == 0 else 3), (3 if i == 0 else 1)) if v.overlapping_patches else (
-        stride, 0)
+    if v.overlapping_patches:  # OPE: 7x7/4, then 3x3/2, zero-padded by k // 2
+      patch = 7 if i == 0 else 3
+      padding = patch // 2
+    else:  # v1: kernel = stride, no padding
+      patch, padding = stride, 0
     x = PatchEmbed(v.embed_dims[i], patch, stride, padding, self.dtype, name="patch_embed")(x)
     if v.position_embedding:
       x = self._add_position_embedding(x, train, class_token)
