@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from pvt_jax.models import dispatch, ops
+from pvt_jax.models import dispatch, ops, remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +238,16 @@ class Stage(nn.Module):
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x, train: bool):
     v, i = self.variant, self.index
+    block = remat.block_class(Block, self.remat_policy)
     patch, stride = (7, 4) if i == 0 else (3, 2)
     x = OverlapPatchEmbed(v.embed_dims[i], patch, stride, self.dtype, name="patch_embed")(x)
     for j, rate in enumerate(self.drop_path_rates):
-      x = Block(v.embed_dims[i], v.num_heads[i], v.mlp_ratios[i], v.sr_ratios[i], v.linear,
+      x = block(v.embed_dims[i], v.num_heads[i], v.mlp_ratios[i], v.sr_ratios[i], v.linear,
                 self.drop_rate, self.attn_drop_rate, rate, self.dtype, name=f"block{j}")(x, train)
     return LayerNorm(1e-6, self.dtype, name="norm")(x)
 
@@ -258,6 +260,7 @@ class PyramidVisionTransformerV2(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str = "none"  # which activations each block keeps for the backward pass (remat)
 
   def setup(self):
     v = self.variant
@@ -265,7 +268,7 @@ class PyramidVisionTransformerV2(nn.Module):
     bounds = np.cumsum((0,) + tuple(v.depths)).tolist()
     self.stages = [
         Stage(i, v, rates[bounds[i]:bounds[i + 1]], self.drop_rate, self.attn_drop_rate,
-              self.dtype, name=f"stage{i + 1}") for i in range(4)
+              self.dtype, self.remat_policy, name=f"stage{i + 1}") for i in range(4)
     ]
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, kernel_init=linear_init, name="head")
