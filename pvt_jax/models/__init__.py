@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 
+from pvt_jax.models import remat
 from pvt_jax.models.pvt_v2 import (
     V2_VARIANTS,
     VARIANTS,
@@ -12,14 +13,18 @@ from pvt_jax.models.pvt_v2 import (
 
 def create_model(variant: str, num_classes: int = 1000, drop_path_rate: float = 0.0,
                  dtype=jnp.float32, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0) -> PyramidVisionTransformerV2:
+                 attn_drop_rate: float = 0.0,
+                 remat_policy: str = "none") -> PyramidVisionTransformerV2:
   """A PVT module by variant name (b0 ... b5, b2_li; v1_tiny ... v1_large; v1_small_ope);
-  params are always fp32."""
+  params are always fp32. remat_policy: `pvt_jax.models.remat`'s name of what each block keeps
+  for the backward pass."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown PVT variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+  remat.check(remat_policy)
   return PyramidVisionTransformerV2(VARIANTS[variant], num_classes=num_classes,
                                     drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                                    drop_path_rate=drop_path_rate, dtype=dtype)
+                                    drop_path_rate=drop_path_rate, dtype=dtype,
+                                    remat_policy=remat_policy)
 
 
 def model_name(variant: str) -> str:

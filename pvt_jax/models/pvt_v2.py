@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from pvt_jax.models import dispatch, ops
+from pvt_jax.models import dispatch, ops, remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,10 +314,12 @@ class Stage(nn.Module):
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x, train: bool, class_token: bool = False):
     v, i = self.variant, self.index
+    block = remat.block_class(Block, self.remat_policy)
     stride = 4 if i == 0 else 2
     if v.overlapping_patches:  # OPE: 7x7/4, then 3x3/2, zero-padded by k // 2
       patch = 7 if i == 0 else 3
@@ -328,7 +330,7 @@ class Stage(nn.Module):
     if v.position_embedding:
       x = self._add_position_embedding(x, train, class_token)
     for j, rate in enumerate(self.drop_path_rates):
-      x = Block(v.embed_dims[i], v.num_heads[i], v.mlp_ratios[i], v.sr_ratios[i], v.linear,
+      x = block(v.embed_dims[i], v.num_heads[i], v.mlp_ratios[i], v.sr_ratios[i], v.linear,
                 self.drop_rate, self.attn_drop_rate, rate, self.dtype, v.conv_ffn,
                 name=f"block{j}")(x, train)
     if v.position_embedding:  # v1: no stage norms; the classifier normalises stage 4's tokens
@@ -362,6 +364,7 @@ class PyramidVisionTransformerV2(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str = "none"  # which activations each block keeps for the backward pass (remat)
 
   def setup(self):
     v = self.variant
@@ -369,7 +372,7 @@ class PyramidVisionTransformerV2(nn.Module):
     bounds = np.cumsum((0,) + tuple(v.depths)).tolist()
     self.stages = [
         Stage(i, v, rates[bounds[i]:bounds[i + 1]], self.drop_rate, self.attn_drop_rate,
-              self.dtype, name=f"stage{i + 1}") for i in range(4)
+              self.dtype, self.remat_policy, name=f"stage{i + 1}") for i in range(4)
     ]
     if v.position_embedding:
       self.norm = LayerNorm(1e-6, self.dtype, name="norm")  # v1's one norm, of stage 4's tokens
