@@ -5,6 +5,12 @@ weights; .pth/.pt/.bin or .safetensors; layout and variant are detected from the
 
   python -m pvt_jax.convert --input=pvt_v2_b2.pth --output=ckpt/b2 [--variant=b2] [--verify]
 
+PVT v1's official classification weights (`pvt_tiny.pth` ... `pvt_large.pth`) convert the same
+way, to the variants v1_tiny ... v1_large, and export back in the official layout only (timm and
+HF have no PVT v1, hence no --verify for it either):
+
+  python -m pvt_jax.convert --input=pvt_small.pth --output=ckpt/v1_small
+
 Semantic FPN checkpoints in mmseg's layout (`backbone.*` with the official PVT v2 names,
 `neck.*`, `decode_head.*` incl. BN statistics; raw or wrapped as {'meta', 'state_dict'}) are
 detected from their keys and convert the same way, to {'params', 'batch_stats'}:
@@ -44,7 +50,7 @@ from absl import app, flags, logging
 
 from pvt_jax import checkpoints
 from pvt_jax.checkpoints import DENSE_LAYOUTS, CheckpointError, DenseConversion, dense, verify
-from pvt_jax.models import VARIANTS
+from pvt_jax.models import V2_VARIANTS, VARIANTS, model_name
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -71,6 +77,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.mark_flags_as_required(["input", "output"], flag_values=flag_values)
 
 
+def _check_verifiable(variant, check, path) -> None:
+  if check and variant not in V2_VARIANTS:
+    raise CheckpointError(f"--verify compares with timm, which has no {model_name(variant)}", path)
+
+
 def _verify(state_dict, variant, model, variables, path) -> None:
   differences = verify.compare_with_timm(state_dict, variant, model, variables)
   print(f"verify against timm pvt_v2_{variant}: {differences}")
@@ -87,6 +98,7 @@ def convert(input_path, output, variant=None, num_classes=None, check=False) -> 
   conversion = checkpoints.convert_any_file(input_path, variant)
   if isinstance(conversion, DenseConversion):
     return _convert_dense(conversion, input_path, output, num_classes, check)
+  _check_verifiable(conversion.variant, check, input_path)
   params = conversion.params
   if num_classes is None:
     num_classes = conversion.num_classes
@@ -96,7 +108,7 @@ def convert(input_path, output, variant=None, num_classes=None, check=False) -> 
   checkpoints.save_converted(output, params, metadata)
   head = ("with head" if "head" in params else
           "no head" if num_classes == 0 else "head dropped, a new one is initialised on load")
-  print(f"wrote {output}: pvt_v2_{conversion.variant}, {num_classes} classes ({head}), "
+  print(f"wrote {output}: {model_name(conversion.variant)}, {num_classes} classes ({head}), "
         f"from {conversion.source_format} layout")
   if check:
     try:
@@ -157,8 +169,9 @@ def export(input_dir, output, fmt, check=False) -> None:
     return _export_dense(checkpoint, output, fmt)
   if check and not verify.timm_available():
     raise CheckpointError("--verify needs torch and timm (pip install pvt_jax[test])")
+  _check_verifiable(checkpoint.metadata["variant"], check, input_dir)
   checkpoints.write_state_dict(output, checkpoints.export_state_dict(checkpoint.params, fmt))
-  print(f"wrote {output}: {fmt} layout, pvt_v2_{checkpoint.metadata['variant']}, "
+  print(f"wrote {output}: {fmt} layout, {model_name(checkpoint.metadata['variant'])}, "
         f"{checkpoints.num_head_classes(checkpoint.params)} classes")
   if check:
     try:

@@ -14,6 +14,9 @@ from pvt_jax.models.pvt_v2 import PyramidVisionTransformerV2, Variant
 # B2-Li's linear attention and ReLU FFN in a network small enough to trace in a moment.
 TINY_LINEAR = Variant((16, 32, 80, 128), (1, 1, 1, 1), (4, 4, 4, 4), VARIANTS["b2_li"].official,
                       linear=True)
+# PVT v1's switches (patch embedding, position embeddings and class token, plain MLP) likewise.
+TINY_V1 = Variant((16, 32, 80, 128), (1, 1, 1, 1), (4, 4, 4, 4), VARIANTS["v1_tiny"].official,
+                  overlapping_patches=False, conv_ffn=False, position_embedding=True)
 FFI_TARGETS = {"pvt_attention", "pvt_attention_backward", "pvt_depthwise_gelu",
                "pvt_depthwise_gelu_backward", "pvt_layer_norm", "pvt_layer_norm_backward",
                "pvt_weight_gradient"}
@@ -41,6 +44,7 @@ def _train_step(model):
 MODELS = {
     "b0": lambda: create_model("b0", 10, drop_path_rate=0.1, drop_rate=0.1),
     "tiny_linear": lambda: PyramidVisionTransformerV2(TINY_LINEAR, 10, drop_path_rate=0.1),
+    "tiny_v1": lambda: PyramidVisionTransformerV2(TINY_V1, 10, drop_path_rate=0.1, drop_rate=0.1),
 }
 
 

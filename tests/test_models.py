@@ -174,5 +174,5 @@ def test_stochastic_depth_rates_grow_linearly_over_all_blocks():
 
 
 def test_unknown_variant_names_the_choices():
-  with pytest.raises(ValueError, match="unknown PVT v2 variant 'b9'.*b2_li"):
+  with pytest.raises(ValueError, match="unknown PVT variant 'b9'.*b2_li"):
     create_model("b9")

@@ -31,17 +31,24 @@ def hf_names(row):
   return (name,)
 
 
-def random_timm_model(variant, num_classes=1000, seed=0):
-  """timm pvt_v2_<variant> in eval mode with every parameter random, norms and biases included;
-  the head is scaled so logits are O(1) (timm's init would make them ~1e-2)."""
-  torch.manual_seed(seed)
-  model = timm.create_model(f"pvt_v2_{variant}", pretrained=False, num_classes=num_classes)
+def randomize_biases_and_norms(model):
+  """Biases ~ N(0, 0.05) and LayerNorm weights ~ N(1, 0.2), in place: init's zeros and ones
+  would hide a bias or scale that is dropped or misplaced."""
   with torch.no_grad():
     for name, param in model.named_parameters():
       if name.endswith(".bias"):
         param.normal_(0.0, 0.05)
       elif param.ndim == 1:  # LayerNorm weights
         param.normal_(1.0, 0.2)
+
+
+def random_timm_model(variant, num_classes=1000, seed=0):
+  """timm pvt_v2_<variant> in eval mode with every parameter random, norms and biases included;
+  the head is scaled so logits are O(1) (timm's init would make them ~1e-2)."""
+  torch.manual_seed(seed)
+  model = timm.create_model(f"pvt_v2_{variant}", pretrained=False, num_classes=num_classes)
+  randomize_biases_and_norms(model)
+  with torch.no_grad():
     if num_classes:
       model.head.weight.normal_(0.0, 1.0 / math.sqrt(model.head.in_features))
   return model.eval()

@@ -9,7 +9,7 @@ import numpy as np
 from pvt_jax.checkpoints import layouts
 from pvt_jax.checkpoints.errors import CheckpointError
 from pvt_jax.checkpoints.files import read_state_dict
-from pvt_jax.models import VARIANTS
+from pvt_jax.models import VARIANTS, model_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,23 +37,33 @@ def _architecture(shapes: dict) -> dict:
             for i in range(1, 5)]
   hidden = [rows(f"block{i}.0.mlp.fc1.weight") for i in range(1, 5)]
   ratios = [h // d if h and d else None for h, d in zip(hidden, dims, strict=True)]
+  stem = shapes.get("patch_embed1.proj.weight")
   return {"embed dims": tuple(dims), "depths": tuple(depths), "mlp ratios": tuple(ratios),
-          "linear": "block4.0.attn.sr.weight" in shapes}
+          "linear": "block4.0.attn.sr.weight" in shapes,
+          "overlapping patches": stem is not None and len(stem) == 4 and stem[2] > 4,
+          "conv ffn": "block1.0.mlp.dwconv.dwconv.weight" in shapes,
+          "position embedding": "pos_embed1" in shapes}
+
+
+_SWITCHES = ("linear", "overlapping patches", "conv ffn", "position embedding")
 
 
 def _describe(variant: str) -> dict:
   v = VARIANTS[variant]
   return {"embed dims": tuple(v.embed_dims), "depths": tuple(v.depths),
-          "mlp ratios": tuple(v.mlp_ratios), "linear": v.linear}
+          "mlp ratios": tuple(v.mlp_ratios), "linear": v.linear,
+          "overlapping patches": v.overlapping_patches, "conv ffn": v.conv_ffn,
+          "position embedding": v.position_embedding}
 
 
 def detect_variant(shapes: dict) -> str:
-  """The variant whose embed dims, depths, mlp ratios and attention type best fit the shapes."""
+  """The variant whose embed dims, depths, mlp ratios, attention, patch embedding, FFN and
+  position embedding (v1 or v2) best fit the shapes."""
   found = _architecture(shapes)
 
   def agreement(variant):
     expected = _describe(variant)
-    score = int(found["linear"] == expected["linear"])
+    score = sum(found[key] == expected[key] for key in _SWITCHES)
     for key in ("embed dims", "depths", "mlp ratios"):
       score += sum(a == b for a, b in zip(found[key], expected[key], strict=True))
     return score
@@ -101,12 +111,12 @@ def convert_state_dict(state_dict: dict, variant: str | None = None) -> Conversi
   if chosen not in VARIANTS:
     raise CheckpointError(f"unknown variant {chosen!r}; choose one of {', '.join(VARIANTS)}")
   try:
-    check_keys(state_dict, layouts.expected_shapes(chosen, num_classes, fmt), f"pvt_v2_{chosen}")
+    check_keys(state_dict, layouts.expected_shapes(chosen, num_classes, fmt), model_name(chosen))
   except CheckpointError as error:
     hint = ""
     if variant and detected != variant:
       found = _architecture(shapes)
-      hint = (f"; the checkpoint is pvt_v2_{detected}" if found == _describe(detected) else
+      hint = (f"; the checkpoint is {model_name(detected)}" if found == _describe(detected) else
               "; the checkpoint has " + ", ".join(f"{k} {v}" for k, v in found.items()))
     raise CheckpointError(f"{error.message} ({fmt} layout{hint})") from None
   official = {key: np.asarray(value, np.float32)
@@ -123,5 +133,9 @@ def convert_file(path, variant: str | None = None) -> Conversion:
 
 
 def export_state_dict(params, fmt: str) -> dict:
-  """Our params -> a state dict (numpy) in the official, timm or HF layout."""
-  return layouts.from_official(layouts.params_to_official(params), fmt)
+  """Our params -> a state dict (numpy) in the official, timm or HF layout (PVT v1: official)."""
+  official = layouts.params_to_official(params)
+  if fmt != "official" and (v1_keys := [key for key in layouts.V1_KEYS if key in official]):
+    raise CheckpointError(f"the {fmt} layout has no PVT v1 keys (such as {v1_keys[0]}); export "
+                          f"PVT v1 in the official layout")
+  return layouts.from_official(official, fmt)

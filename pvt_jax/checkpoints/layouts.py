@@ -3,7 +3,9 @@
 Everything goes through the official key names (`patch_embed1.proj.weight`, `block2.0.attn.kv.bias`,
 ...): timm and HF transformers are renamings of them (HF also splits `attn.kv` into separate key and
 value rows), so only the official -> other renames are written here; the reverse lookups come from
-renaming every key any variant can have.
+renaming every key any variant can have. PVT v1 (`pvt_tiny.pth` ... `pvt_large.pth`) exists only
+in the official layout: its extra keys (`pos_embed1`..`pos_embed4`, `cls_token`, one final `norm`)
+have no timm or HF names.
 """
 
 import functools
@@ -60,7 +62,13 @@ def rename(official_key: str, fmt: str) -> tuple[str, ...]:
   return _RENAMES[fmt](official_key)
 
 
-def _every_official_key():
+V1_KEYS = (*(f"pos_embed{stage}" for stage in range(1, 5)), "cls_token", "norm.weight",
+           "norm.bias")
+
+
+def _every_official_key(fmt: str):
+  if fmt == "official":
+    yield from V1_KEYS
   max_depth = max(max(v.depths) for v in VARIANTS.values())
   for stage in range(1, 5):
     for layer in ("proj", "norm"):
@@ -75,7 +83,7 @@ def _every_official_key():
 @functools.cache
 def _reverse(fmt: str) -> dict[str, tuple[str, int]]:
   """key of `fmt` -> (official key, which part of it: 0, or 1 for HF's value rows)."""
-  return {name: (key, part) for key in _every_official_key()
+  return {name: (key, part) for key in _every_official_key(fmt)
           for part, name in enumerate(rename(key, fmt))}
 
 
@@ -145,6 +153,8 @@ def _flax_path(official_key: str, ndim: int) -> tuple[str, ...]:
   key = re.sub(r"^patch_embed(\d)\.", r"stage\1.patch_embed.", key)
   key = re.sub(r"^block(\d)\.(\d+)\.", r"stage\1.block\2.", key)
   key = re.sub(r"^norm(\d)\.", r"stage\1.norm.", key)
+  key = re.sub(r"^pos_embed(\d)$", r"stage\1.pos_embed", key)
+  key = re.sub(r"^cls_token$", "stage4.cls_token", key)
   *path, leaf = key.split(".")
   if leaf == "weight":
     leaf = "scale" if ndim == 1 else "kernel"
@@ -157,6 +167,8 @@ def _official_key(flax_path: tuple[str, ...]) -> str:
   key = key.replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
   key = re.sub(r"^stage(\d)\.patch_embed\.", r"patch_embed\1.", key)
   key = re.sub(r"^stage(\d)\.block(\d+)\.", r"block\1.\2.", key)
+  key = re.sub(r"^stage(\d)\.pos_embed$", r"pos_embed\1", key)
+  key = re.sub(r"^stage4\.cls_token$", "cls_token", key)
   return re.sub(r"^stage(\d)\.norm\.", r"norm\1.", key)
 
 

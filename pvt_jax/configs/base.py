@@ -36,6 +36,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.drop_rate = 0.0
   c.attn_drop_rate = 0.0
   c.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision); params stay fp32
+  # Gradient checkpointing per block (pvt_jax/models/remat.py): "none", "full", or a
+  # jax.checkpoint_policies name such as "dots_with_no_batch_dims_saveable".
+  c.remat_policy = "none"
 
   # Data: which dataset, and the batch over all devices and processes.
   c.dataset = ""

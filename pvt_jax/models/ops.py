@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _SQRT_HALF = 0.7071067811865476
@@ -91,3 +92,28 @@ def adaptive_avg_pool(x, out_size: int):
   ph = _adaptive_pool_matrix(x.shape[1], out_size).astype(x.dtype)
   pw = _adaptive_pool_matrix(x.shape[2], out_size).astype(x.dtype)
   return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
+
+
+def _bilinear_matrix(in_size: int, out_size: int):
+  """PyTorch's bilinear weights (align_corners=False): output i samples the input at
+  (i + 0.5) * in / out - 0.5, clamped at 0, between its two neighbours (the last one repeats).
+  Computed in float32 as PyTorch does: float64 weights would differ from its results by ~1e-5."""
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)
+  rows = np.zeros((out_size, in_size), f32)
+  for i in range(out_size):
+    source = max(scale * (f32(i) + f32(0.5)) - f32(0.5), f32(0.0))
+    low = min(int(np.floor(source)), in_size - 1)
+    fraction = min(max(source - f32(low), f32(0.0)), f32(1.0))
+    high = min(low + 1, in_size - 1)
+    rows[i, low] += f32(1.0) - fraction
+    rows[i, high] += fraction
+  return jnp.asarray(rows)
+
+
+def bilinear_resize(x, size: tuple[int, int]):
+  """`F.interpolate(x, size, mode="bilinear")` (no antialiasing) of an [H, W, C] map, as two
+  interpolation matmuls; jax.image.resize antialiases when shrinking, PyTorch does not."""
+  rh = _bilinear_matrix(x.shape[0], size[0]).astype(x.dtype)
+  rw = _bilinear_matrix(x.shape[1], size[1]).astype(x.dtype)
+  return jnp.einsum("ih,jw,hwc->ijc", rh, rw, x)

@@ -37,7 +37,8 @@ __all__ = ["DTYPES", "ConfigError", "Setup", "create_model_from_config", "create
 def model_kwargs(config) -> dict:
   """The PVT v2 settings every task's model takes from the config (`create_model` keywords)."""
   return {"drop_path_rate": config.drop_path_rate, "drop_rate": config.drop_rate,
-          "attn_drop_rate": config.attn_drop_rate, "dtype": DTYPES[config.dtype]}
+          "attn_drop_rate": config.attn_drop_rate, "dtype": DTYPES[config.dtype],
+          "remat_policy": config.remat_policy}
 
 
 def create_model_from_config(config, num_classes: int):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvt_jax import tasks
-from pvt_jax.models import VARIANTS
+from pvt_jax.models import VARIANTS, remat
 from pvt_jax.train import optimizer, sharding
 from pvt_jax.train.errors import ConfigError
 
@@ -74,6 +74,8 @@ def check_config(config) -> tasks.Task:
   _require(config.num_train_steps > 0 or config.num_epochs > 0,
            "nothing to train: set num_epochs or num_train_steps > 0")
   _check_optimizer(config)
+  _require(config.remat_policy in remat.NAMES,
+           f"remat_policy={config.remat_policy!r} is not one of {', '.join(remat.NAMES)}")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(config[field] >= 1, f"{field}={config[field]} must be at least 1")
   _require(config.eval_every_steps >= 0,
