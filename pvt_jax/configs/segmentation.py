@@ -40,9 +40,6 @@ def segmentation_fields() -> ml_collections.ConfigDict:
       "reduce_zero_label": False,
       # Only for dataset "fashion_mnist_seg".
       "synthetic": {"canvas_size": 64, "num_train": 4000, "num_eval": 500, "seed": 0},
-      # Loss: mmseg's CrossEntropyLoss(avg_non_ignore=False) averages over every pixel,
-      # ignored ones included; True averages over the scored pixels only.
-      "avg_non_ignore": False,
       # Images with prediction / ground-truth overlays written at each eval.
       "num_overlay_images": 4,
   })
