@@ -34,8 +34,9 @@ OVERLAY_FILE = "overlays_step_{step}.png"
 
 
 class SegmentationAccumulator(base.EvalAccumulator):
-  """The confusion matrix summed over the eval batches, and the first batch with real examples
-  (with its predictions) for the overlay PNG."""
+  """The confusion matrix summed over the eval batches (`pixels`: how many it scored), the number
+  of real images, and the first batch with real examples (with its predictions) for the overlay
+  PNG."""
 
   def __init__(self, num_classes: int, class_names, num_overlay_images: int):
     self.confusion = metrics.ConfusionMatrix(num_classes, class_names)
@@ -52,7 +53,7 @@ class SegmentationAccumulator(base.EvalAccumulator):
   def result(self) -> dict:
     scores = self.confusion.result()
     return {"miou": scores["miou"], "macc": scores["macc"], "aacc": scores["aacc"],
-            "iou": scores["iou"], "count": self.count}
+            "iou": scores["iou"], "count": self.count, "pixels": int(self.confusion.total.sum())}
 
   def write_files(self, workdir: str, step: int) -> None:
     if self.overlay is None or not self.num_overlay_images:

@@ -1,0 +1,218 @@
+"""Semantic FPN on the trainer: train + eval through the CLIs, SyncBN statistics and the whole
+run equal on 1 device, 2 devices and 2 processes, exact eval over the split (padding + mask) on
+2 processes, resume bit-exact after SIGTERM, and the accumulator's metrics and overlay PNG.
+
+The runs are tiny (B0, 64x64 canvases, batch 4, 4 steps) but go through the real code paths; the
+three parallel runs start together and share the suite's persistent compilation cache.
+"""
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_train import REPO, config_flags, enable_compile_cache, relative_error, subprocess_env
+from test_train_parallel import free_port
+
+from configs import sem_fpn
+from pvt_jax import tasks
+from pvt_jax.metrics import segmentation as seg_metrics
+from pvt_jax.tasks import segmentation
+from pvt_jax.train import checkpointing, loop, metrics
+from pvt_jax.train.errors import ConfigError
+
+CANVAS, NUM_EVAL = 64, 7  # 7 eval images in batches of 4: padded on every mesh
+RUN = {"num_train_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2,
+       "log_every_steps": 1, "progress_bar": False, "seg.synthetic.num_eval": NUM_EVAL}
+
+
+def seg_config(fashion_dir, **overrides):
+  config = sem_fpn.get_config("b0,runlocal")
+  config.fashion_mnist_dir = fashion_dir
+  config.update_from_flattened_dict({**RUN, **overrides})
+  return config
+
+
+def records(workdir):
+  return metrics.read_metrics(os.path.join(workdir, metrics.METRICS_FILE))
+
+
+def final_eval(workdir):
+  return [r for r in records(workdir) if "eval/miou" in r][-1]
+
+
+def restore(workdir, config, step=None):
+  setup = loop.create_setup(config)
+  ckpts = checkpointing.TrainCheckpoints(str(workdir), "miou", read_only=True)
+  state = ckpts.restore(checkpointing.abstract_like(setup.abstract_state, setup.state_shardings),
+                        step)
+  ckpts.close()
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_fashion_mnist, tmp_path_factory):
+  """The same 4-step run on 1 device (this process), 2 devices (the CLI) and 2 processes (the
+  local launcher, one device each)."""
+  cache = enable_compile_cache()
+  root = tmp_path_factory.mktemp("seg_runs")
+  flags = [f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(RUN)]
+  env = subprocess_env(cache)
+  procs = {
+      "two_devices": subprocess.Popen(
+          [sys.executable, "-m", "pvt_jax.main", "--config=configs/sem_fpn.py:runlocal",
+           f"--workdir={root / 'two_devices'}", *flags], cwd=REPO,
+          env=subprocess_env(cache, devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True),
+      "two_processes": subprocess.Popen(
+          [os.path.join(REPO, "launch", "local_multiprocess.sh"), "2",
+           "configs/sem_fpn.py:runlocal", str(root / "two_processes"), *flags], cwd=REPO,
+          env={**env, "PORT": str(free_port())}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True),
+  }
+  try:
+    config = seg_config(tiny_fashion_mnist)
+    result = loop.train_and_evaluate(config, str(root / "one_device"))
+    outputs = {name: proc.communicate(timeout=900) for name, proc in procs.items()}
+  finally:
+    for proc in procs.values():
+      proc.kill()
+  for name, proc in procs.items():
+    assert proc.returncode == 0, f"{name}: {outputs[name][1][-3000:]}"
+  return {"config": config, "root": root, "result": result, "cache": cache,
+          "stdout": {name: out for name, (out, _) in outputs.items()}}
+
+
+@pytest.mark.slow
+def test_the_cli_trains_and_evaluates_writing_metrics_and_overlays(runs):
+  workdir = runs["root"] / "two_devices"
+  logged = records(workdir)
+  assert [r["step"] for r in logged if "train/loss" in r] == [1, 2, 3, 4]
+  evals = [r for r in logged if "eval/miou" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  for record in evals:
+    assert record["eval/count"] == NUM_EVAL and record["eval/pixels"] == NUM_EVAL * CANVAS ** 2
+    assert {"eval/macc", "eval/aacc", "eval/iou/background", "eval/iou/Trouser"} <= set(record)
+    assert 0 <= record["eval/miou"] <= 1
+  for step in (2, 4):
+    assert (workdir / segmentation.OVERLAY_FILE.format(step=step)).stat().st_size > 1000
+  assert (workdir / metrics.PLOT_FILE).is_file()
+  assert "step 4: eval mIoU" in runs["stdout"]["two_devices"]
+  state = restore(workdir, runs["config"])
+  assert set(state) == {"step", "params", "opt_state", "rng", "batch_stats"}
+
+
+@pytest.mark.slow
+def test_syncbn_statistics_and_training_equal_on_1_device_2_devices_and_2_processes(runs):
+  """Per-device BatchNorm would give each device's variance, whose mean misses the spread
+  between the devices' means: the running variances after 4 steps would differ from 1 device's.
+  SyncBN (statistics of the global batch under jit) gives the same, up to summation order."""
+  config = runs["config"]
+  reference = restore(runs["root"] / "one_device", config)
+  initial = jax.device_get(jax.jit(loop.create_setup(config).init_fn)())
+  stats = reference["batch_stats"]["decode_head"]
+  assert not np.allclose(stats["scale_heads_0_0"]["bn"]["var"],
+                         initial["batch_stats"]["decode_head"]["scale_heads_0_0"]["bn"]["var"])
+  losses = [r["train/loss"] for r in records(runs["root"] / "one_device") if "train/loss" in r]
+  for run in ("two_devices", "two_processes"):
+    other = restore(runs["root"] / run, config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+                 other["batch_stats"], reference["batch_stats"])
+    assert relative_error(reference["params"], other["params"]) <= 1e-5, run
+    other_losses = [r["train/loss"] for r in records(runs["root"] / run) if "train/loss" in r]
+    np.testing.assert_allclose(other_losses, losses, rtol=1e-5, err_msg=run)
+
+
+@pytest.mark.slow
+def test_eval_is_exact_over_the_split_on_two_processes(runs):
+  """7 images: each process gets 4 or 3 and pads to whole batches; every image and every pixel
+  is scored once, and the metrics are the single device's."""
+  one = final_eval(runs["root"] / "one_device")
+  two = final_eval(runs["root"] / "two_processes")
+  assert one["eval/count"] == two["eval/count"] == NUM_EVAL
+  assert one["eval/pixels"] == two["eval/pixels"] == NUM_EVAL * CANVAS ** 2
+  for name in ("eval/miou", "eval/macc", "eval/aacc"):
+    assert two[name] == pytest.approx(one[name], abs=1e-4), name
+  logs = {i: (runs["root"] / "two_processes" / f"process_{i}.log").read_text() for i in (0, 1)}
+  assert "step 4: eval mIoU" in logs[0] and "step 4: eval" not in logs[1]
+  assert (runs["root"] / "two_processes" / segmentation.OVERLAY_FILE.format(step=4)).is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_prints_the_miou_of_a_workdir(runs):
+  workdir = runs["root"] / "one_device"
+  result = subprocess.run([sys.executable, "-m", "pvt_jax.evaluate", f"--checkpoint={workdir}"],
+                          cwd=REPO, env=subprocess_env(runs["cache"]), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  best = checkpointing.TrainCheckpoints(str(workdir), "miou", read_only=True).best_step()
+  (expected,) = [r for r in records(workdir) if r["step"] == best and "eval/miou" in r]
+  assert printed["step"] == best and printed["count"] == NUM_EVAL
+  assert printed["miou"] == expected["eval/miou"] and printed["aacc"] == expected["eval/aacc"]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_resumes_bit_exactly(runs, tmp_path, monkeypatch):
+  """SIGTERM while step 1's batch is read: the run stops after step 1 with a checkpoint (not a
+  regular checkpoint step); the rerun ends with the uninterrupted run's state, bit for bit."""
+  config = runs["config"]
+  original = segmentation.SegmentationTask.train_iterator
+
+  def terminated_while_reading(self, config, start_step):
+    for step, batch in enumerate(original(self, config, start_step), start=start_step):
+      if step == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(segmentation.SegmentationTask, "train_iterator", terminated_while_reading)
+  stopped = loop.train_and_evaluate(config, str(tmp_path))
+  assert stopped["preempted"] == "SIGTERM" and stopped["step"] == 1
+  assert checkpointing.TrainCheckpoints(str(tmp_path), "miou", read_only=True).all_steps() == [1]
+  resumed = loop.train_and_evaluate(config, str(tmp_path))
+  assert resumed["step"] == 4 and resumed["preempted"] is None
+  jax.tree.map(np.testing.assert_array_equal, restore(tmp_path, config),
+               restore(runs["root"] / "one_device", config))
+  assert resumed["eval"] == runs["result"]["eval"]
+
+
+def test_accumulator_scores_the_summed_confusion_and_draws_this_processes_rows(tmp_path):
+  rng = np.random.default_rng(0)
+  num_classes, names = 3, ["bg", "a", "b"]
+  accumulator = segmentation.SegmentationAccumulator(num_classes, names, num_overlay_images=2)
+  totals = np.zeros((num_classes, num_classes), np.int64)
+  for _ in range(2):
+    confusion = rng.integers(0, 50, (num_classes, num_classes))
+    totals += confusion
+    batch = {"image": rng.standard_normal((2, 16, 16, 3)).astype(np.float32),
+             "image_size": np.full((2, 2), 16), "label": rng.integers(0, 3, (2, 16, 16)),
+             "label_size": np.full((2, 2), 16), "mask": np.array([True, False])}
+    # The global batch's first rows: this process's 2, then another process's.
+    accumulator.update({"confusion": confusion, "count": np.int32(1),
+                        "overlay": rng.integers(0, 3, (4, 16, 16)).astype(np.uint8)}, batch)
+  result = accumulator.result()
+  expected = seg_metrics.scores(totals, names)
+  assert result["miou"] == expected["miou"] and result["iou"] == expected["iou"]
+  assert result["count"] == 2 and result["pixels"] == totals.sum()
+  accumulator.write_files(str(tmp_path), 7)
+  assert (tmp_path / "overlays_step_7.png").is_file()
+  assert "mIoU" in tasks.get_task("segmentation").describe_eval(result)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seg.crop_size", (0, 64), "must be positive"),
+    ("seg.ratio_range", (2.0, 1.0), "0 < low <= high"),
+    ("seg.cat_max_ratio", 0.0, "must be in (0, 1]"),
+    ("seg.eval_canvas_multiple", 48, "multiple of seg.size_divisor=32"),
+    ("seg.num_overlay_images", 9, "must be in [0, 8]"),
+])
+def test_bad_segmentation_fields_fail_in_one_line(field, value, message):
+  config = sem_fpn.get_config("b0,runlocal")
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(ConfigError, match=r"^[^\n]*" + re.escape(message)):
+    tasks.get_task("segmentation").check_config(config)
