@@ -7,8 +7,8 @@ three parallel runs start together and share the suite's persistent compilation 
 """
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +21,10 @@ from test_train_parallel import free_port
 
 from configs import sem_fpn
 from pvt_jax import tasks
+from pvt_jax.checkpoints import dense, write_state_dict
+from pvt_jax.data.segmentation import transforms
 from pvt_jax.metrics import segmentation as seg_metrics
+from pvt_jax.models.semantic_fpn import create_semantic_fpn
 from pvt_jax.tasks import segmentation
 from pvt_jax.train import checkpointing, loop, metrics
 from pvt_jax.train.errors import ConfigError
@@ -56,10 +59,15 @@ def restore(workdir, config, step=None):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_fashion_mnist, tmp_path_factory):
+def compile_cache():
+  return enable_compile_cache()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_fashion_mnist, tmp_path_factory, compile_cache):
   """The same 4-step run on 1 device (this process), 2 devices (the CLI) and 2 processes (the
   local launcher, one device each)."""
-  cache = enable_compile_cache()
+  cache = compile_cache
   root = tmp_path_factory.mktemp("seg_runs")
   flags = [f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(RUN)]
   env = subprocess_env(cache)
@@ -179,6 +187,60 @@ def test_a_run_stopped_by_sigterm_resumes_bit_exactly(runs, tmp_path, monkeypatc
   jax.tree.map(np.testing.assert_array_equal, restore(tmp_path, config),
                restore(runs["root"] / "one_device", config))
   assert resumed["eval"] == runs["result"]["eval"]
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_evaluate_prints_the_miou_of_a_converted_mmseg_checkpoint(compile_cache, tmp_path):
+  """A random 5-class Semantic FPN in mmseg's layout -> pvt_jax.convert -> evaluate on a folder
+  of 2 images, with the official whole-image pipeline (short side 512, aligned to 32). The
+  expected mIoU: the full model's logits at the network input, resized to the label by torch's
+  bilinear interpolation (as mmseg does), argmax, NumPy confusion matrix."""
+  import torch
+  import torch.nn.functional as F
+  from PIL import Image
+
+  num_classes, sizes = 5, [(40, 56), (48, 36)]
+  model = create_semantic_fpn("b0", num_classes)
+  variables = jax.device_get(model.init(jax.random.key(3), np.zeros((1, 64, 64, 3), np.float32)))
+  variables["batch_stats"] = jax.tree.map(  # statistics that matter, as trained ones would
+      lambda x: np.random.default_rng(x.size).uniform(0.5, 1.5, x.shape).astype(np.float32),
+      variables["batch_stats"])
+  write_state_dict(tmp_path / "fpn.pth", dense.export_state_dict(variables, "mmseg"))
+  convert = subprocess.run([sys.executable, "-m", "pvt_jax.convert",
+                            f"--input={tmp_path / 'fpn.pth'}", f"--output={tmp_path / 'fpn'}"],
+                           cwd=REPO, env=subprocess_env(compile_cache), capture_output=True,
+                           text=True, timeout=600)
+  assert convert.returncode == 0, convert.stderr[-3000:]
+  rng = np.random.default_rng(0)
+  root, confusion = tmp_path / "data", np.zeros((num_classes, num_classes), np.int64)
+  for split in ("training", "validation"):
+    os.makedirs(root / "images" / split)
+    os.makedirs(root / "annotations" / split)
+  for i, (h, w) in enumerate(sizes):
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = rng.integers(0, num_classes, (h, w), dtype=np.uint8)
+    for split in ("training", "validation"):
+      Image.fromarray(image).save(root / "images" / split / f"{i}.png")
+      Image.fromarray(label).save(root / "annotations" / split / f"{i}.png")
+    (rescaled,), (aligned,) = transforms.eval_sizes(np.array([h]), np.array([w]), (2048, 512), 32)
+    network_input = transforms.eval_image(image.astype(np.float32), rescaled, aligned).numpy()
+    logits = model.apply(variables, network_input[None])
+    resized = F.interpolate(torch.from_numpy(np.asarray(logits)).permute(0, 3, 1, 2), (h, w),
+                            mode="bilinear", align_corners=False)
+    prediction = resized.argmax(1)[0].numpy()
+    np.add.at(confusion, (label.ravel(), prediction.ravel()), 1)
+  result = subprocess.run([sys.executable, "-m", "pvt_jax.evaluate",
+                           f"--checkpoint={tmp_path / 'fpn'}", f"--dataset=folder:{root}"],
+                          cwd=REPO, env=subprocess_env(compile_cache), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  expected = seg_metrics.scores(confusion)
+  assert printed["step"] is None and printed["count"] == 2
+  assert printed["pixels"] == sum(h * w for h, w in sizes)
+  assert printed["miou"] == pytest.approx(expected["miou"], abs=1e-3)
+  assert printed["aacc"] == pytest.approx(expected["aacc"], abs=1e-3)
 
 
 def test_accumulator_scores_the_summed_confusion_and_draws_this_processes_rows(tmp_path):
