@@ -30,14 +30,21 @@ from pvt_jax.train import checkpointing, loop, metrics
 from pvt_jax.train.errors import ConfigError
 
 CANVAS, NUM_EVAL = 64, 7  # 7 eval images in batches of 4: padded on every mesh
+# The resume run: random augmentation (rescale, crop, flip, photometric) and head dropout on, so
+# data order and RNG both matter.
 RUN = {"num_train_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2,
        "log_every_steps": 1, "progress_bar": False, "seg.synthetic.num_eval": NUM_EVAL}
+# The parallel runs: each step's global batch is the whole 16-canvas train split, unaugmented,
+# and no dropout, so it holds the same examples however the processes split the data (each
+# process reads its own shard, with its own augmentation seeds).
+WHOLE_BATCH = {**RUN, "batch_size": 16, "seg.ratio_range": (1.0, 1.0), "seg.flip_probability": 0.0,
+               "seg.photometric": False, "seg.dropout_rate": 0.0}
 
 
-def seg_config(fashion_dir, **overrides):
+def seg_config(fashion_dir, overrides=None):
   config = sem_fpn.get_config("b0,runlocal")
   config.fashion_mnist_dir = fashion_dir
-  config.update_from_flattened_dict({**RUN, **overrides})
+  config.update_from_flattened_dict(overrides or RUN)
   return config
 
 
@@ -69,7 +76,7 @@ def runs(tiny_fashion_mnist, tmp_path_factory, compile_cache):
   local launcher, one device each)."""
   cache = compile_cache
   root = tmp_path_factory.mktemp("seg_runs")
-  flags = [f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(RUN)]
+  flags = [f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(WHOLE_BATCH)]
   env = subprocess_env(cache)
   procs = {
       "two_devices": subprocess.Popen(
@@ -84,15 +91,15 @@ def runs(tiny_fashion_mnist, tmp_path_factory, compile_cache):
           text=True),
   }
   try:
-    config = seg_config(tiny_fashion_mnist)
-    result = loop.train_and_evaluate(config, str(root / "one_device"))
+    config = seg_config(tiny_fashion_mnist, WHOLE_BATCH)
+    loop.train_and_evaluate(config, str(root / "one_device"))
     outputs = {name: proc.communicate(timeout=900) for name, proc in procs.items()}
   finally:
     for proc in procs.values():
       proc.kill()
   for name, proc in procs.items():
     assert proc.returncode == 0, f"{name}: {outputs[name][1][-3000:]}"
-  return {"config": config, "root": root, "result": result, "cache": cache,
+  return {"config": config, "root": root, "cache": cache,
           "stdout": {name: out for name, (out, _) in outputs.items()}}
 
 
@@ -129,9 +136,11 @@ def test_syncbn_statistics_and_training_equal_on_1_device_2_devices_and_2_proces
   losses = [r["train/loss"] for r in records(runs["root"] / "one_device") if "train/loss" in r]
   for run in ("two_devices", "two_processes"):
     other = restore(runs["root"] / run, config)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
-                 other["batch_stats"], reference["batch_stats"])
-    assert relative_error(reference["params"], other["params"]) <= 1e-5, run
+    # Summation order alone moves them by ~1e-5 after 4 Adam steps; per-device statistics would
+    # move the running variances by the spread of the images' means, percents of them.
+    stats_error = relative_error(reference["batch_stats"], other["batch_stats"])
+    params_error = relative_error(reference["params"], other["params"])
+    assert stats_error <= 1e-4 and params_error <= 1e-4, (run, stats_error, params_error)
     other_losses = [r["train/loss"] for r in records(runs["root"] / run) if "train/loss" in r]
     np.testing.assert_allclose(other_losses, losses, rtol=1e-5, err_msg=run)
 
@@ -166,10 +175,12 @@ def test_evaluate_prints_the_miou_of_a_workdir(runs):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_sigterm_resumes_bit_exactly(runs, tmp_path, monkeypatch):
+def test_a_run_stopped_by_sigterm_resumes_bit_exactly(tiny_fashion_mnist, compile_cache,
+                                                      tmp_path, monkeypatch):
   """SIGTERM while step 1's batch is read: the run stops after step 1 with a checkpoint (not a
   regular checkpoint step); the rerun ends with the uninterrupted run's state, bit for bit."""
-  config = runs["config"]
+  config = seg_config(tiny_fashion_mnist)
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   original = segmentation.SegmentationTask.train_iterator
 
   def terminated_while_reading(self, config, start_step):
@@ -179,14 +190,16 @@ def test_a_run_stopped_by_sigterm_resumes_bit_exactly(runs, tmp_path, monkeypatc
       yield batch
 
   monkeypatch.setattr(segmentation.SegmentationTask, "train_iterator", terminated_while_reading)
-  stopped = loop.train_and_evaluate(config, str(tmp_path))
+  workdir = tmp_path / "stopped"
+  stopped = loop.train_and_evaluate(config, str(workdir))
   assert stopped["preempted"] == "SIGTERM" and stopped["step"] == 1
-  assert checkpointing.TrainCheckpoints(str(tmp_path), "miou", read_only=True).all_steps() == [1]
-  resumed = loop.train_and_evaluate(config, str(tmp_path))
+  assert list(checkpointing.TrainCheckpoints(str(workdir), "miou",
+                                             read_only=True).all_steps()) == [1]
+  resumed = loop.train_and_evaluate(config, str(workdir))
   assert resumed["step"] == 4 and resumed["preempted"] is None
-  jax.tree.map(np.testing.assert_array_equal, restore(tmp_path, config),
-               restore(runs["root"] / "one_device", config))
-  assert resumed["eval"] == runs["result"]["eval"]
+  jax.tree.map(np.testing.assert_array_equal, restore(workdir, config),
+               restore(tmp_path / "straight", config))
+  assert resumed["eval"] == straight["eval"]
 
 
 @pytest.mark.slow
@@ -272,6 +285,7 @@ def test_accumulator_scores_the_summed_confusion_and_draws_this_processes_rows(t
     ("seg.cat_max_ratio", 0.0, "must be in (0, 1]"),
     ("seg.eval_canvas_multiple", 48, "multiple of seg.size_divisor=32"),
     ("seg.num_overlay_images", 9, "must be in [0, 8]"),
+    ("seg.dropout_rate", 1.0, "must be in [0, 1)"),
 ])
 def test_bad_segmentation_fields_fail_in_one_line(field, value, message):
   config = sem_fpn.get_config("b0,runlocal")

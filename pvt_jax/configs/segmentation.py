@@ -40,6 +40,8 @@ def segmentation_fields() -> ml_collections.ConfigDict:
       "reduce_zero_label": False,
       # Only for dataset "fashion_mnist_seg".
       "synthetic": {"canvas_size": 64, "num_train": 4000, "num_eval": 500, "seed": 0},
+      # FPNHead's Dropout2d before the classifier (the official dropout_ratio).
+      "dropout_rate": 0.1,
       # Images with prediction / ground-truth overlays written at each eval.
       "num_overlay_images": 4,
   })

@@ -83,6 +83,8 @@ class SegmentationTask(base.Task):
     if not 0 < seg.ratio_range[0] <= seg.ratio_range[1]:
       raise ConfigError(f"seg.ratio_range={tuple(seg.ratio_range)} must be (low, high) with "
                         f"0 < low <= high")
+    if not 0 <= seg.dropout_rate < 1:
+      raise ConfigError(f"seg.dropout_rate={seg.dropout_rate} must be in [0, 1)")
     if not 0 < seg.cat_max_ratio <= 1:
       raise ConfigError(f"seg.cat_max_ratio={seg.cat_max_ratio} must be in (0, 1]")
     if seg.size_divisor <= 0 or seg.eval_canvas_multiple % seg.size_divisor:
@@ -102,7 +104,7 @@ class SegmentationTask(base.Task):
 
   def create_model(self, config, num_classes: int) -> SemanticFPN:
     kwargs = loop.model_kwargs(config)
-    return create_semantic_fpn(config.variant, num_classes,
+    return create_semantic_fpn(config.variant, num_classes, dropout_rate=config.seg.dropout_rate,
                                drop_path_rate=kwargs["drop_path_rate"], dtype=kwargs["dtype"])
 
   def init_variables(self, model, config, rng) -> dict:
