@@ -21,12 +21,13 @@ from test_train_parallel import free_port
 
 from configs import sem_fpn
 from pvt_jax import tasks
-from pvt_jax.checkpoints import dense, write_state_dict
+from pvt_jax.checkpoints import dense, save_converted, write_state_dict
 from pvt_jax.data.segmentation import transforms
 from pvt_jax.metrics import segmentation as seg_metrics
+from pvt_jax.models import create_model
 from pvt_jax.models.semantic_fpn import create_semantic_fpn
 from pvt_jax.tasks import segmentation
-from pvt_jax.train import checkpointing, loop, metrics
+from pvt_jax.train import checkpointing, loop, metrics, steps
 from pvt_jax.train.errors import ConfigError
 
 CANVAS, NUM_EVAL = 64, 7  # 7 eval images in batches of 4: padded on every mesh
@@ -254,6 +255,41 @@ def test_evaluate_prints_the_miou_of_a_converted_mmseg_checkpoint(compile_cache,
   assert printed["pixels"] == sum(h * w for h, w in sizes)
   assert printed["miou"] == pytest.approx(expected["miou"], abs=1e-3)
   assert printed["aacc"] == pytest.approx(expected["aacc"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_init_from_takes_an_imagenet_backbone_or_a_whole_semantic_fpn(tiny_fashion_mnist,
+                                                                      compile_cache, tmp_path):
+  config = seg_config(tiny_fashion_mnist)
+  setup = loop.create_setup(config)
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)()
+  variables = steps.model_variables(state)
+  shardings = steps.model_variables(setup.state_shardings)
+  fresh = jax.device_get(variables)
+  metadata = {"variant": "b0", "source_file": "x.pth", "source_sha256": "0",
+              "source_format": "official"}
+  # An ImageNet classifier (the paper's start): its body becomes the backbone, its head goes.
+  classifier = create_model("b0", num_classes=10)
+  params = jax.device_get(classifier.init(jax.random.key(5), np.zeros((1, 32, 32, 3)))["params"])
+  save_converted(tmp_path / "classifier", params, {**metadata, "num_classes": 10})
+  config.init_from = str(tmp_path / "classifier")
+  loaded, what = setup.task.load_init(config, variables, shardings)
+  assert what == "its backbone; new neck and head"
+  loaded = jax.device_get(loaded)
+  jax.tree.map(np.testing.assert_array_equal, loaded["params"]["backbone"],
+               {name: value for name, value in params.items() if name != "head"})
+  for part in ("neck", "decode_head"):
+    jax.tree.map(np.testing.assert_array_equal, loaded["params"][part], fresh["params"][part])
+  jax.tree.map(np.testing.assert_array_equal, loaded["batch_stats"], fresh["batch_stats"])
+  # A converted Semantic FPN of the same classes: all of it, BN statistics included.
+  trained = jax.tree.map(lambda x: x + 1, fresh)
+  save_converted(tmp_path / "fpn", trained["params"],
+                 {**metadata, "num_classes": 11, "task": "segmentation"},
+                 batch_stats=trained["batch_stats"])
+  config.init_from = str(tmp_path / "fpn")
+  loaded, what = setup.task.load_init(config, variables, shardings)
+  assert what == "the whole Semantic FPN"
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), trained)
 
 
 def test_accumulator_scores_the_summed_confusion_and_draws_this_processes_rows(tmp_path):
