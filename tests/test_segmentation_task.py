@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from test_train import REPO, config_flags, enable_compile_cache, relative_error, subprocess_env
 from test_train_parallel import free_port
+from test_train_tasks import final_state as restore  # a workdir's state, host arrays
 
 from configs import sem_fpn
 from pvt_jax import tasks
@@ -55,15 +56,6 @@ def records(workdir):
 
 def final_eval(workdir):
   return [r for r in records(workdir) if "eval/miou" in r][-1]
-
-
-def restore(workdir, config, step=None):
-  setup = loop.create_setup(config)
-  ckpts = checkpointing.TrainCheckpoints(str(workdir), "miou", read_only=True)
-  state = ckpts.restore(checkpointing.abstract_like(setup.abstract_state, setup.state_shardings),
-                        step)
-  ckpts.close()
-  return jax.device_get(state)
 
 
 @pytest.fixture(scope="module")
