@@ -212,7 +212,8 @@ def test_evaluate_prints_the_miou_of_a_converted_mmseg_checkpoint(compile_cache,
   variables["batch_stats"] = jax.tree.map(  # statistics that matter, as trained ones would
       lambda x: np.random.default_rng(x.size).uniform(0.5, 1.5, x.shape).astype(np.float32),
       variables["batch_stats"])
-  write_state_dict(tmp_path / "fpn.pth", dense.export_state_dict(variables, "mmseg"))
+  state_dict = dense.export_state_dict(variables, "mmseg")
+  write_state_dict(tmp_path / "fpn.pth", {key: np.array(v) for key, v in state_dict.items()})
   convert = subprocess.run([sys.executable, "-m", "pvt_jax.convert",
                             f"--input={tmp_path / 'fpn.pth'}", f"--output={tmp_path / 'fpn'}"],
                            cwd=REPO, env=subprocess_env(compile_cache), capture_output=True,
