@@ -1,11 +1,13 @@
-"""Evaluate a checkpoint: exact top-1 / top-5 over a whole split.
+"""Evaluate a checkpoint over a whole split: exact top-1 / top-5, or mIoU for segmentation.
 
   python -m pvt_jax.evaluate --checkpoint=ckpt/pvt_v2_b0 --dataset=imagenet2012 \\
       --data_dir=/data/tfds
+  python -m pvt_jax.evaluate --checkpoint=ckpt/fpn_b2 --dataset=ade20k:/data/ADEChallengeData2016
   python -m pvt_jax.evaluate --checkpoint=runs/b0                  # a training workdir
 
-A converted checkpoint (python -m pvt_jax.convert) is evaluated with the official ImageNet eval
-preprocessing (224 px, crop 0.875) unless flags say otherwise; a training workdir with its own
+A converted checkpoint (python -m pvt_jax.convert) is evaluated with the official eval
+preprocessing of its task (ImageNet: 224 px, crop 0.875; a Semantic FPN: ADE20K's whole-image
+AlignResize to short side 512) unless flags say otherwise; a training workdir with its own
 config (task, dataset, resolution), at its best checkpoint by the task's metric (top-1 for
 classification) or --step; only its parameters (and BatchNorm statistics) are read, not the
 optimizer state. Prints one JSON line.
@@ -26,7 +28,7 @@ from absl import app, flags
 
 from pvt_jax.checkpoints import load_converted
 from pvt_jax.checkpoints.errors import CheckpointError
-from pvt_jax.configs import classification
+from pvt_jax.configs import classification, segmentation
 from pvt_jax.train import checkpointing, cli, loop, sharding, steps, validation, workdir
 from pvt_jax.train.errors import ConfigError
 
@@ -37,7 +39,8 @@ flags.adopt_module_key_flags(cli)  # --help lists the multi-process flags too
 _STEP = flags.DEFINE_integer("step", None, "training workdir: this step instead of the best")
 _OVERRIDES = {
     "dataset": flags.DEFINE_string("dataset", None, "fashion_mnist, imagenet2012, any tfds name "
-                                   "or folder:/path"),
+                                   "or folder:/path; segmentation: ade20k:/path, "
+                                   "fashion_mnist_seg, scene_parse150 or folder:/path"),
     "eval_split": flags.DEFINE_string("split", None, "split to evaluate (default: validation, "
                                       "else test)"),
     "data_dir": flags.DEFINE_string("data_dir", None, "tfds data dir"),
@@ -50,10 +53,14 @@ _OVERRIDES = {
 }
 
 
-def _converted_config(metadata: dict) -> ml_collections.ConfigDict:
-  config = classification.get_config(metadata["variant"], "imagenet")  # official eval transform
+def _converted_config(checkpoint) -> ml_collections.ConfigDict:
+  metadata = checkpoint.metadata
+  if checkpoint.task == "segmentation":  # the official ADE20K eval pipeline
+    config = segmentation.get_config(metadata["variant"], "ade20k")
+  else:
+    config = classification.get_config(metadata["variant"], "imagenet")  # official eval transform
+    config.eval_batch_size = 128
   config.num_classes = metadata["num_classes"]
-  config.eval_batch_size = 128
   return config
 
 
@@ -75,7 +82,7 @@ def evaluate_checkpoint(path: str) -> tuple[dict, ml_collections.ConfigDict, int
     config = workdir.load_run_config(path)
   else:
     checkpoint = load_converted(path)
-    config = _converted_config(checkpoint.metadata)
+    config = _converted_config(checkpoint)
   for field, flag in _OVERRIDES.items():
     if flag.value is not None:
       config[field] = flag.value
@@ -92,7 +99,8 @@ def evaluate_checkpoint(path: str) -> tuple[dict, ml_collections.ConfigDict, int
     ckpts.close()
   else:
     step = None
-    variables = sharding.to_global({"params": checkpoint.params}, {"params": shardings["params"]})
+    variables = sharding.to_global(checkpoint.variables,
+                                   {name: shardings[name] for name in checkpoint.variables})
   eval_step = steps.make_eval_step(task, setup.model, setup.mesh, shardings)
   return loop.evaluation_pass(setup, eval_step, variables, config).result(), config, step
 
