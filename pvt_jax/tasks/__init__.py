@@ -16,6 +16,7 @@ from pvt_jax.tasks.base import DatasetInfo, EvalAccumulator, SumAccumulator, Tas
 # runs).
 TASKS = {
     "classification": "pvt_jax.tasks.classification:ClassificationTask",
+    "detection": "pvt_jax.tasks.detection:DetectionTask",
 }
 
 
