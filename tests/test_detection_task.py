@@ -169,7 +169,7 @@ def test_bad_detection_settings_fail_before_the_data_are_opened(tiny_fashion_mni
            "canvas_sizes": (((64, 50),), "must be (h, w) pairs, positive multiples of "
                                          "size_divisor=32"),
            "detection.images_per_group": (3, "detection.images_per_group=3 must divide the "
-                                             "(micro-)batch of 4 images")}
+                                             "(micro-)batch of 4 images (0: the whole batch)")}
   for field, (value, message) in cases.items():
     config = tiny_config(tiny_fashion_mnist)
     config.update_from_flattened_dict({field: value})

@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model and loss (pvt_jax/detection: mmdet's RetinaHead settings).
   c.detection = ml_collections.ConfigDict({
-      "images_per_group": 2,  # mmdet's loss normaliser per GPU of 2 images (8 x 2 officially)
+      # mmdet's loss normaliser per GPU of 2 images (8 x 2 officially); 0: the whole batch
+      "images_per_group": 2,
       "nms_pre": 1000, "score_thr": 0.05, "iou_threshold": 0.5, "max_per_img": 100,
       "num_visualized": 4,  # eval images drawn with their boxes into the workdir
   })
@@ -92,7 +93,7 @@ def _quick_fashion_mnist(c: ml_collections.ConfigDict) -> None:
   c.optimizer.base_lr = 4e-4
   c.optimizer.warmup_steps = 50
   c.optimizer.decay_epochs = (2,)
-  c.detection.images_per_group = None
+  c.detection.images_per_group = 0
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
 

@@ -114,9 +114,9 @@ class DetectionTask(base.Task):
                         f"positive multiples of size_divisor={config.size_divisor}")
     group = config.detection.images_per_group
     micro_batch = config.batch_size // config.grad_accum_steps
-    if group is not None and (group < 1 or micro_batch % group):
+    if group < 0 or (group and micro_batch % group):
       raise ConfigError(f"detection.images_per_group={group} must divide the (micro-)batch of "
-                        f"{micro_batch} images")
+                        f"{micro_batch} images (0: the whole batch)")
     if not 0 <= config.aug.hflip <= 1:
       raise ConfigError(f"aug.hflip={config.aug.hflip} must be a probability")
 
