@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from test_train import REPO, enable_compile_cache, relative_error, restore_params, subprocess_env
-from test_train_parallel import free_port
+from test_train_parallel import start_parallel_runs
 
 from configs import retinanet
 from pvt_jax.tasks import detection as detection_task
@@ -67,17 +67,7 @@ def runs(tiny_fashion_mnist, compile_cache, tmp_path_factory):
   root = tmp_path_factory.mktemp("detection_runs")
   command = [sys.executable, "-m", "pvt_jax.main", "--config=configs/retinanet.py:runlocal",
              *config_flags(tiny_fashion_mnist)]
-  port = free_port()
-  launches = {
-      "two_devices": (command + [f"--workdir={root / 'two_devices'}"], 2),
-      **{f"process{i}": (command + [f"--workdir={root / 'two_processes'}",
-                                    f"--coordinator_address=127.0.0.1:{port}",
-                                    "--num_processes=2", f"--process_id={i}"], 1)
-         for i in range(2)},
-  }
-  procs = {name: subprocess.Popen(argv, cwd=REPO, env=subprocess_env(compile_cache, devices),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, (argv, devices) in launches.items()}
+  procs = start_parallel_runs(command, root, compile_cache)
   try:
     assert jax.device_count() == 1
     result = loop.train_and_evaluate(tiny_config(tiny_fashion_mnist), str(root / "one_device"))
@@ -130,8 +120,8 @@ def test_one_device_two_devices_and_two_processes_agree(runs, tiny_fashion_mnist
     other_params, step = restore_params(str(root / run), config)
     assert step == 6 and relative_error(params, other_params) <= 1e-5, run
   # Process 0 alone reports and writes the files.
-  assert "step 6: eval AP" in outputs["process0"][1]
-  assert "step 6: eval" not in outputs["process1"][1]
+  assert "step 6: eval AP" in outputs["process0"][0]  # stdout
+  assert "step 6: eval" not in outputs["process1"][0]
 
 
 def test_resume_from_a_checkpoint_is_bit_exact(runs, tiny_fashion_mnist, tmp_path):
