@@ -68,9 +68,9 @@ def _table(title: str, rows) -> list[str]:
            "|---|---|---|---|---|"]
   for r in rows:
     size = "x".join(map(str, r["size"]))
+    gflops = "-" if r["gflops"] is None else f"{_number(r['gflops'], '.1f')} at {size}"
     lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f} M | {r['paper_params_m']} M | "
-                 f"{_number(r['gflops'], '.1f')} at {size} | "
-                 f"{_number(r['paper_gflops'], '.1f')} |")
+                 f"{gflops} | {_number(r['paper_gflops'], '.1f')} |")
   return lines
 
 
