@@ -5,8 +5,8 @@ GFLOPs at 1280x800 next to Table 6's B2 and B2-Li).
   python -m pvt_jax.benchmark --dense --output_dir=/tmp/dense     # dense.json, dense.md
 
 Parameters come from jax.eval_shape (nothing allocated); GFLOPs from XLA's cost analysis of the
-compiled forward pass (nothing run), halved to count a multiply-add once as the paper's (mmcv's)
-counter does. Compiling the 1280x800 detectors takes a minute or two each on a CPU.
+forward pass's program (`benchmark.xla_flops`, nothing run), halved to count a multiply-add once
+as the paper's (mmcv's) counter does. The whole report takes minutes on a CPU.
 """
 
 import json

@@ -4,7 +4,7 @@ run on a detection set built from Fashion-MNIST.
 Modes (after the colon of `configs/retinanet.py:<variant>,<modes>`):
 
   (none)     quick offline run: 64 px canvases of 1-3 Fashion-MNIST garments (10 classes), B0
-             from scratch, batch 16, 300 steps on a CPU; COCO AP on its 500 val images.
+             from scratch, batch 8, 600 steps on a CPU; COCO AP on its 500 val images.
   coco       the official `retinanet_pvt_v2_*_fpn_1x_coco.py`: COCO 2017 (release layout, by
              default in data/coco as mmdet's configs have it; `--config.dataset=coco:/path`),
              short side 800 / long side <= 1333, flip 0.5, AdamW lr 1e-4 wd 1e-4,
@@ -84,7 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _quick_fashion_mnist(c: ml_collections.ConfigDict) -> None:
   """The offline default: the synthetic set at its own size (no resizing), one 64 px canvas with
   garments of 28-56 px (the sizes the stride-8 anchors, 32-50 px, match), B0 from scratch. lr
-  1e-3 held after a 50-step warmup: 300 steps is too short for the 1x decay to help."""
+  1e-3 held after a 50-step warmup (a few hundred steps are too few for the 1x decay to help);
+  batch 8 (measured: AP 0.043 after 200 steps of 8 images, 0.032 after 300 of 16)."""
   c.dataset = "fashion_mnist"
   c.train_split, c.eval_split = "train", "val"
   c.synthetic.image_size = 64
@@ -95,14 +96,16 @@ def _quick_fashion_mnist(c: ml_collections.ConfigDict) -> None:
   c.max_boxes = 8
   c.min_image_size = 1
   c.drop_path_rate = 0.0
-  c.num_train_steps = 300
-  c.optimizer.base_lr = 1e-3
+  c.batch_size = 8
+  c.num_train_steps = 600
+  c.optimizer.base_lr = 2e-3  # x batch 8 / 16: lr 1e-3
+  c.optimizer.grad_clip_norm = 10.0  # the focal loss spiked once without (lr 1e-3, batch 16)
   c.optimizer.warmup_steps = 50
   c.optimizer.decay_epochs = ()
   c.detection.images_per_group = 0
   c.log_every_steps = 20
-  c.eval_every_steps = 100
-  c.checkpoint_every_steps = 100
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
 
 
 def _runlocal(c: ml_collections.ConfigDict) -> None:
