@@ -85,7 +85,7 @@ def _quick_fashion_mnist(c: ml_collections.ConfigDict) -> None:
   """The offline default: the synthetic set at its own size (no resizing), one 64 px canvas with
   garments of 28-56 px (the sizes the stride-8 anchors, 32-50 px, match), B0 from scratch. lr
   1e-3 held after a 50-step warmup (a few hundred steps are too few for the 1x decay to help);
-  batch 8 (measured: AP 0.043 after 200 steps of 8 images, 0.032 after 300 of 16)."""
+  batch 8. Measured: AP 0.122 (AP50 0.238) after 600 steps; batch 16 x 300 steps gave 0.032."""
   c.dataset = "fashion_mnist"
   c.train_split, c.eval_split = "train", "val"
   c.synthetic.image_size = 64
