@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from pvt_jax import cpu
+from pvt_jax import cpu, dense_report
 from pvt_jax.cpu import kernels
 from pvt_jax.cpu.compile_options import inference_compiler_options
 from pvt_jax.models import VARIANTS, create_model
@@ -587,6 +587,8 @@ def define_flags():
                       "Fashion-MNIST idx files feeding the input-pipeline measurement.")
   flags.DEFINE_bool("quick", False, "Tiny settings for tests: b0, 32 px, batch 2, 2 repeats, "
                     "no input pipeline.")
+  flags.DEFINE_bool("dense", False, "Instead: the Semantic FPN / RetinaNet parameter and GFLOPs "
+                    "tables next to the paper's (pvt_jax/dense_report.py; --quick: B0, 64 px).")
   flags.DEFINE_string("output_dir", None, "Where results.json/.md and benchmark.png go.")
   flags.mark_flag_as_required("output_dir")
 
@@ -613,6 +615,9 @@ def main(argv):
   # On a GPU both frameworks share the card: JAX allocates as it goes instead of taking 75% of it
   # (read when JAX first touches a device, which it has not yet).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if FLAGS.dense:
+    dense_report.run(FLAGS.output_dir, FLAGS.quick)
+    return
   try:
     run(settings_from_flags(), FLAGS.output_dir, command)
   except BenchmarkError as e:

@@ -34,7 +34,7 @@ def test_coco_mode_is_the_official_recipe():
 def test_default_is_offline_and_runlocal_is_tiny():
   c = retinanet.get_config()
   assert (c.variant, c.dataset, tuple(map(tuple, c.canvas_sizes))) == (
-      "b0", "fashion_mnist", ((128, 128),))
+      "b0", "fashion_mnist", ((64, 64),))
   small = retinanet.get_config("b1,runlocal")
   assert small.variant == "b1" and small.num_train_steps <= 10 and small.batch_size <= 4
   with pytest.raises(ValueError, match="'fast'"):

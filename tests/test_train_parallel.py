@@ -41,21 +41,27 @@ def history(workdir):
   return np.array(losses), final_eval
 
 
-def test_one_device_two_devices_and_two_processes_agree(tiny_fashion_mnist, compile_cache,
-                                                        tmp_path):
-  command = [sys.executable, "-m", "pvt_jax.main", "--config=configs/b0.py:runlocal",
-             f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(WHOLE_BATCH)]
+def start_parallel_runs(command, root, compile_cache) -> dict:
+  """The training `command` started in the background on 2 devices (workdir root/two_devices)
+  and as 2 processes of one job (root/two_processes): name -> Popen."""
   port = free_port()
   launches = {
-      "two_devices": (command + [f"--workdir={tmp_path / 'two_devices'}"], 2),
-      **{f"process{i}": (command + [f"--workdir={tmp_path / 'two_processes'}",
+      "two_devices": (command + [f"--workdir={root / 'two_devices'}"], 2),
+      **{f"process{i}": (command + [f"--workdir={root / 'two_processes'}",
                                     f"--coordinator_address=127.0.0.1:{port}",
                                     "--num_processes=2", f"--process_id={i}"], 1)
          for i in range(2)},
   }
-  procs = {name: subprocess.Popen(argv, cwd=REPO, env=subprocess_env(compile_cache, devices),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, (argv, devices) in launches.items()}
+  return {name: subprocess.Popen(argv, cwd=REPO, env=subprocess_env(compile_cache, devices),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for name, (argv, devices) in launches.items()}
+
+
+def test_one_device_two_devices_and_two_processes_agree(tiny_fashion_mnist, compile_cache,
+                                                        tmp_path):
+  command = [sys.executable, "-m", "pvt_jax.main", "--config=configs/b0.py:runlocal",
+             f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(WHOLE_BATCH)]
+  procs = start_parallel_runs(command, tmp_path, compile_cache)
   try:
     config = tiny_config(tiny_fashion_mnist, WHOLE_BATCH)
     assert jax.device_count() == 1

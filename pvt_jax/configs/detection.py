@@ -3,8 +3,8 @@ run on a detection set built from Fashion-MNIST.
 
 Modes (after the colon of `configs/retinanet.py:<variant>,<modes>`):
 
-  (none)     quick offline run: 128 px canvases of 1-4 Fashion-MNIST garments (10 classes), batch
-             16, a few hundred steps on a CPU; COCO AP on its 500 val images.
+  (none)     quick offline run: 64 px canvases of 1-3 Fashion-MNIST garments (10 classes), B0
+             from scratch, batch 8, 600 steps on a CPU; COCO AP on its 500 val images.
   coco       the official `retinanet_pvt_v2_*_fpn_1x_coco.py`: COCO 2017 (release layout, by
              default in data/coco as mmdet's configs have it; `--config.dataset=coco:/path`),
              short side 800 / long side <= 1333, flip 0.5, AdamW lr 1e-4 wd 1e-4,
@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model and loss (pvt_jax/detection: mmdet's RetinaHead settings).
   c.detection = ml_collections.ConfigDict({
-      "images_per_group": 2,  # mmdet's loss normaliser per GPU of 2 images (8 x 2 officially)
+      # mmdet's loss normaliser per GPU of 2 images (8 x 2 officially); 0: the whole batch
+      "images_per_group": 2,
       "nms_pre": 1000, "score_thr": 0.05, "iou_threshold": 0.5, "max_per_img": 100,
       "num_visualized": 4,  # eval images drawn with their boxes into the workdir
   })
@@ -81,20 +82,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _quick_fashion_mnist(c: ml_collections.ConfigDict) -> None:
-  """The offline default: the synthetic set at its own size (no resizing), one 128 px canvas."""
+  """The offline default: the synthetic set at its own size (no resizing), one 64 px canvas with
+  garments of 28-56 px (the sizes the stride-8 anchors, 32-50 px, match), B0 from scratch. lr
+  1e-3 held after a 50-step warmup (a few hundred steps are too few for the 1x decay to help);
+  batch 8. Measured: AP 0.122 (AP50 0.238) after 600 steps; batch 16 x 300 steps gave 0.032."""
   c.dataset = "fashion_mnist"
   c.train_split, c.eval_split = "train", "val"
-  c.image_scale = (128, 128)
-  c.canvas_sizes = ((128, 128),)
+  c.synthetic.image_size = 64
+  c.synthetic.max_items = 3
+  c.synthetic.item_size = (28, 56)
+  c.image_scale = (64, 64)
+  c.canvas_sizes = ((64, 64),)
   c.max_boxes = 8
   c.min_image_size = 1
-  c.num_epochs = 3
-  c.optimizer.base_lr = 4e-4
+  c.drop_path_rate = 0.0
+  c.batch_size = 8
+  c.num_train_steps = 600
+  c.optimizer.base_lr = 2e-3  # x batch 8 / 16: lr 1e-3
+  c.optimizer.grad_clip_norm = 10.0  # the focal loss spiked once without (lr 1e-3, batch 16)
   c.optimizer.warmup_steps = 50
-  c.optimizer.decay_epochs = (2,)
-  c.detection.images_per_group = None
-  c.log_every_steps = 10
-  c.checkpoint_every_steps = 100
+  c.optimizer.decay_epochs = ()
+  c.detection.images_per_group = 0
+  c.log_every_steps = 20
+  c.eval_every_steps = 200
+  c.checkpoint_every_steps = 200
 
 
 def _runlocal(c: ml_collections.ConfigDict) -> None:

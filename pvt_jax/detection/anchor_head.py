@@ -36,7 +36,7 @@ class RetinaNetSettings:
   def from_config(cls, config) -> "RetinaNetSettings":
     """The settings a detection config (pvt_jax/configs/detection.py) chooses."""
     d = config.detection
-    return cls(size_divisor=config.size_divisor, images_per_group=d.images_per_group,
+    return cls(size_divisor=config.size_divisor, images_per_group=d.images_per_group or None,
                inference=InferenceSettings(d.nms_pre, d.score_thr, d.iou_threshold,
                                            d.max_per_img))
 

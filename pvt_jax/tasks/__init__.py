@@ -17,6 +17,7 @@ from pvt_jax.tasks.base import DatasetInfo, EvalAccumulator, SumAccumulator, Tas
 TASKS = {
     "classification": "pvt_jax.tasks.classification:ClassificationTask",
     "segmentation": "pvt_jax.tasks.segmentation:SegmentationTask",
+    "detection": "pvt_jax.tasks.detection:DetectionTask",
 }
 
 
