@@ -135,13 +135,19 @@ def _exclusive(path: str):
 def _prepared(make_builder, **prepare_kwargs):
   """A prepared builder; the first process to get the lock prepares it, the others reuse it."""
   builder = make_builder()
-  if builder.is_prepared():
+  if _is_prepared(builder):
     return builder
   with _exclusive(str(builder.data_dir)):
     builder = make_builder()  # re-read: another process may have prepared it meanwhile
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
       builder.download_and_prepare(**prepare_kwargs)
   return builder
+
+
+def _is_prepared(builder) -> bool:
+  """builder.is_prepared() without its warning "Variant folder ... has no dataset_info.json",
+  which tfds logs for the version folder of a dataset that is simply not prepared yet."""
+  return tf.io.gfile.exists(str(builder.data_dir)) and builder.is_prepared()
 
 
 def _image_folder(root: str) -> Source:
