@@ -7,6 +7,10 @@ import sys
 
 import pytest
 from conftest import write_fashion_mnist
+from test_data_sources import _write_image as write_image
+from test_data_sources import make_config
+
+from pvt_jax import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,3 +84,80 @@ def test_fashion_mnist_goes_to_tfds_data_dir(tmp_path):
   assert f"into {tfds_dir}/fashion_mnist_local/" in result.stderr
   assert (tfds_dir / "fashion_mnist_local").is_dir()
   assert not (home / "tensorflow_datasets").exists()
+
+
+# Image folders with a bad file or an empty class folder.
+
+def folder_with_classes(root, names=("a", "b", "c", "d"), per_class=2, splits=("train", "val")):
+  for split in splits:
+    for k, name in enumerate(names):
+      for i in range(per_class):
+        write_image(str(root / split / name / f"{i}.jpg"), 10 * k + i, "JPEG")
+  return root
+
+
+def truncate(path, keep: float = 0.5):
+  payload = path.read_bytes()
+  path.write_bytes(payload[:int(len(payload) * keep)])
+
+
+def folder_config(root, **overrides):
+  return make_config(dataset=f"folder:{root}", batch_size=4, eval_batch_size=4, **overrides)
+
+
+def test_truncated_jpeg_stops_training_naming_the_file(tmp_path):
+  root = folder_with_classes(tmp_path / "root")
+  bad = root / "train" / "c" / "1.jpg"
+  truncate(bad)
+  config = folder_config(root, check_data=False)  # as if it went bad after the start
+  with pytest.raises(data.DatasetError) as e:
+    for _ in data.train_iterator(config):
+      pass
+  message = str(e.value)
+  assert f"cannot decode {bad}" in message and "\n" not in message
+
+
+def test_truncated_jpeg_in_eval_names_the_file(tmp_path):
+  root = folder_with_classes(tmp_path / "root")
+  bad = root / "val" / "a" / "0.jpg"
+  truncate(bad)
+  with pytest.raises(data.DatasetError, match=f"cannot decode {bad}"):
+    list(data.eval_iterator(folder_config(root, check_data=False)))
+
+
+@pytest.mark.parametrize("damage", ["truncated_jpeg", "truncated_png", "not_an_image"])
+def test_bad_validation_file_is_refused_before_training(tmp_path, damage):
+  root = folder_with_classes(tmp_path / "root")
+  bad = root / "val" / "d" / ("x.png" if damage == "truncated_png" else "x.jpg")
+  if damage == "not_an_image":
+    bad.write_bytes(b"<html>an error page saved as a .jpg</html>")
+  else:
+    write_image(str(bad), 99, "PNG" if damage == "truncated_png" else "JPEG")
+    truncate(bad, 0.6)
+  with pytest.raises(data.DatasetError) as e:
+    data.dataset_info(folder_config(root))  # what the trainer opens before its first step
+  message = str(e.value)
+  assert str(bad) in message and "1 unreadable image file" in message and "\n" not in message
+  assert "config.check_data=False" in message
+
+
+def test_trailing_bytes_after_the_jpeg_end_are_accepted(tmp_path):
+  """Some cameras append data after a JPEG's end marker; TensorFlow decodes those files."""
+  root = folder_with_classes(tmp_path / "root", names=("a", "b"))
+  odd = root / "val" / "b" / "0.jpg"
+  odd.write_bytes(odd.read_bytes() + bytes(range(256)) * 40)  # 10 kB after the end marker
+  info = data.dataset_info(folder_config(root))
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (2, 4, 4)
+  assert sum(int(b["mask"].sum()) for b in data.eval_iterator(folder_config(root))) == 4
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_empty_class_folder_is_refused(tmp_path, split):
+  root = folder_with_classes(tmp_path / "root")
+  for image in (root / split / "b").iterdir():
+    image.unlink()
+  with pytest.raises(data.DatasetError) as e:
+    data.dataset_info(folder_config(root))
+  message = str(e.value)
+  assert f"first {root / split / 'b'};" in message and "without images" in message
+  assert "\n" not in message
