@@ -161,14 +161,16 @@ def xla_memory(compiled) -> dict:
           "peak_bytes": peak}
 
 
-def xla_flops(compiled, fn, *args) -> float:
-  """XLA's FLOP count of `compiled`, the program of fn(*args). XLA counts an FFI call as no
-  FLOPs, so where the CPU forms of the ops are in it the count comes from fn traced again with
-  the plain forms (through a new function object: jit would reuse its trace of fn)."""
-  if cpu.enabled():
-    with cpu.disabled():
-      compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
-  cost = compiled.cost_analysis()
+def xla_flops(fn, *args) -> float:
+  """XLA's FLOP count of fn(*args) in the plain XLA forms of the ops (the program GPUs and TPUs
+  run: an FFI call counts as no FLOPs), counted on the program as lowered, before any backend's
+  passes. The compiled program's count would include XLA:CPU's rewrite of the depthwise conv's
+  weight gradient (a convolution with batch_group_count=C, as `jax.grad` writes it; TPUs and
+  cuDNN run it as is) into a dense C x C convolution whose diagonal it keeps: C times the work,
+  which made B0's train step count 18x its inference. Traced through a new function object: jit
+  would reuse an earlier trace of fn."""
+  with cpu.disabled():
+    cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
   if isinstance(cost, list):
     cost = cost[0]
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -208,11 +210,10 @@ class JaxModel:
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  def flops(self, inference, train):
-    """XLA's FLOP counts of (the compiled inference function, the compiled train step)."""
-    return (xla_flops(inference, self._logits, self.params, self.images),
-            xla_flops(train, self._train_step, self.params, self.opt_state, self.images,
-                      self.labels))
+  def flops(self):
+    """XLA's FLOP counts of (the inference function, the train step)."""
+    return (xla_flops(self._logits, self.params, self.images),
+            xla_flops(self._train_step, self.params, self.opt_state, self.images, self.labels))
 
   def inference_fn(self, compiled):
     return lambda: jax.block_until_ready(compiled(self.params, self.images))
@@ -313,7 +314,7 @@ def compare_variant(variant: str, s: Settings, peak_flops: float, device: str) -
   jx = JaxModel(variant, b, r, r, s.dtype)
   infer, infer_compile_s = jx.compile_inference()
   train, train_compile_s = jx.compile_train()
-  flops_infer, flops_train = jx.flops(infer, train)
+  flops_infer, flops_train = jx.flops()
   fns = {"jax_inference": jx.inference_fn(infer), "jax_train": jx.train_fn(train)}
   tm = TorchModel(variant, b, r, r, s.dtype, device)
   fns.update(torch_inference=tm.infer, torch_train=tm.train_step)
@@ -379,7 +380,7 @@ def resolution_sweep(s: Settings) -> dict:
       rows.append({"resolution": r, "pixels": r * r, "median_s": float(np.median(t)),
                    "min_s": float(min(t)), "max_s": float(max(t)), "compile_s": compile_s,
                    "peak_bytes": xla_memory(compiled).get("peak_bytes"),
-                   "gflops": xla_flops(compiled, jx._logits, jx.params, jx.images) / 1e9})
+                   "gflops": xla_flops(jx._logits, jx.params, jx.images) / 1e9})
       del jx, compiled
     out[variant] = {"rows": rows, "time_fit": _line_fit(rows, "median_s"),
                     "memory_fit": _line_fit(rows, "peak_bytes"),
