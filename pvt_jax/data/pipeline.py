@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from pvt_jax.data import augment, randaugment
-from pvt_jax.data.errors import DatasetError
+from pvt_jax.data.errors import DatasetError, tf_reason
 from pvt_jax.data.sources import IMAGE_MAGIC, Source, open_source
 
 _CORRUPT = "corrupt image file"
@@ -160,7 +160,7 @@ def _numpy_batches(ds: tf.data.Dataset, what: str, batch_records):
     if match:
       raise DatasetError(f"{what}: {_CORRUPT} {match.group(1)} (not a JPEG/PNG/GIF/BMP/WebP "
                          f"image); remove or replace it") from None
-    first_line = e.message.strip().splitlines()[0]
+    first_line = tf_reason(e.message)
     name = _undecodable(batch_records(yielded))
     if name:
       raise DatasetError(f"{what}: cannot decode {name} ({first_line}); remove or replace "

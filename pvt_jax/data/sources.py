@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from pvt_jax.data import fashion_mnist
-from pvt_jax.data.errors import DatasetError
+from pvt_jax.data.errors import DatasetError, tf_reason
 
 FOLDER_PREFIX = "folder:"
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -222,7 +222,7 @@ def _decode_problem(path: str) -> str | None:
   try:
     tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
   except tf.errors.InvalidArgumentError as e:
-    return f"truncated or corrupt: {e.message.strip().splitlines()[0]}"
+    return f"truncated or corrupt: {tf_reason(e.message)}"
   return None
 
 
