@@ -228,7 +228,9 @@ def test_corrupt_image_stops_naming_the_file(tmp_path):
       _write_image(str(root / "train" / name / f"{i}.jpg"), 10 * k + i, "JPEG")
   bad = root / "train" / "b" / "broken.jpg"
   bad.write_bytes(b"this is not an image")
-  config = make_config(dataset=f"folder:{root}", eval_split="train", eval_batch_size=7)
+  # check_data=False: the pipeline's own check (the up-front one is in test_data_faults.py).
+  config = make_config(dataset=f"folder:{root}", eval_split="train", eval_batch_size=7,
+                       check_data=False)
   with pytest.raises(data.DatasetError) as e:
     all_eval(config)
   assert str(bad) in str(e.value) and "corrupt image file" in str(e.value)

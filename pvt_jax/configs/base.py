@@ -46,6 +46,7 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"
   c.train_split = "train"
   c.eval_split = ""  # "": "validation" if the dataset has one, else "test"
+  c.check_data = True  # image folders: refuse empty class folders, unreadable files at start
   c.batch_size = 1024  # global, over all devices and processes
   c.eval_batch_size = 0  # 0: batch_size
   c.seed = 0

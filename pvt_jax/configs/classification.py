@@ -26,6 +26,8 @@ def imagenet_augmentation() -> ml_collections.ConfigDict:
       "hflip": True, "randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25,
       "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
       "label_smoothing": 0.1, "repeated_aug": 3,
+      # Examples mixed together: timm mixes each GPU's batch, 128 in the official 8 x 128.
+      "mixup_batch": 128,
   })
 
 

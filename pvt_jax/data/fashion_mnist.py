@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import logging
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -119,6 +120,17 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
         description=f"Fashion-MNIST from the idx files in {self._source_dir}.",
     )
+
+  def _log_download_bytes(self) -> None:
+    # Replaces tfds' "Downloading and preparing dataset Unknown size": nothing is downloaded, and
+    # where the copy goes (under the home directory by default) is what a user wants to know.
+    print(f"preparing Fashion-MNIST from {self._source_dir} once, into {self.data_dir} "
+          f"(config.data_dir or TFDS_DATA_DIR chooses where)", file=sys.stderr)
+
+  def _log_download_done(self) -> None:
+    size = sum(os.path.getsize(os.path.join(self.data_dir, name))
+               for name in os.listdir(self.data_dir))
+    print(f"prepared Fashion-MNIST in {self.data_dir} ({size / 1e6:.1f} MB)", file=sys.stderr)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is local

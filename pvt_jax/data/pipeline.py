@@ -1,10 +1,12 @@
 """tf.data input pipelines: per-process train stream (exactly resumable) and exact eval batches.
 
-Determinism: every random choice is a stateless function of (config.seed, process, epoch,
-position in the epoch), and all tf.data stages run in deterministic order. Each epoch's record
-order comes from a shuffle seeded by (seed, epoch, process), so resuming at step N starts the
-epoch N // steps_per_epoch and skips the first positions of it *before* decoding: skipping costs
-reading records, never decoding or augmenting them.
+Determinism: every random choice is a stateless function of (config.seed, epoch, position in the
+epoch's global stream), and all tf.data stages run in deterministic order. Each epoch's record
+order comes from a shuffle seeded by (seed, epoch) alone, the same on every process, and step s
+is positions [s * B, (s + 1) * B) of it (B the global batch), each process decoding its slice:
+the global batch of step s is the same examples, augmented the same way, however many processes
+share it. Resuming at step N starts the epoch N // steps_per_epoch and skips the first positions
+of it *before* decoding: skipping costs reading records, never decoding or augmenting them.
 """
 
 import dataclasses
@@ -19,14 +21,12 @@ import numpy as np
 import tensorflow as tf
 
 from pvt_jax.data import augment, randaugment
-from pvt_jax.data.errors import DatasetError
-from pvt_jax.data.sources import Source, open_source
+from pvt_jax.data.errors import DatasetError, tf_reason
+from pvt_jax.data.sources import IMAGE_MAGIC, Source, open_source
 
 _CORRUPT = "corrupt image file"
 # Bound at import: the except clause below can run at interpreter exit, when `tf` may be gone.
 _DecodeError = tf.errors.InvalidArgumentError
-# Leading bytes of the formats tf.io.decode_image reads.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -51,16 +51,17 @@ class DatasetInfo:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_source(dataset, data_dir, manual_dir, fashion_mnist_dir) -> Source:
-  """Opened once per process: an ImageFolder lists its whole tree when opened."""
+def _cached_source(dataset, data_dir, manual_dir, fashion_mnist_dir, check_data) -> Source:
+  """Opened once per process: an ImageFolder lists (and checks) its whole tree when opened."""
   return open_source({"dataset": dataset, "data_dir": data_dir, "manual_dir": manual_dir,
-                      "fashion_mnist_dir": fashion_mnist_dir})
+                      "fashion_mnist_dir": fashion_mnist_dir, "check_data": check_data})
 
 
 def _source(config) -> Source:
   return _cached_source(config.get("dataset", "fashion_mnist"), config.get("data_dir", None),
                         config.get("manual_dir", None),
-                        config.get("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist"))
+                        config.get("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist"),
+                        config.get("check_data", True))
 
 
 def _splits(config, source: Source) -> tuple[str, str]:
@@ -102,7 +103,8 @@ def _decode(record, source: Source, crop_box=None):
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
     return tf.cast(_crop(image, crop_box), tf.float32)
-  known = tf.reduce_any([tf.equal(tf.strings.substr(image, 0, len(m)), m) for m in _MAGIC])
+  known = tf.reduce_any([tf.equal(tf.strings.substr(image, 0, len(m)), m)
+                         for m in IMAGE_MAGIC])
   check = tf.debugging.Assert(known, [_CORRUPT, record["name"]])
   with tf.control_dependencies([check]):
     encoded = tf.identity(image)
@@ -119,7 +121,7 @@ def _decode(record, source: Source, crop_box=None):
   if crop_box is None:
     image = any_format()
   else:
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _MAGIC[0])
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), IMAGE_MAGIC[0])
     image = tf.cond(is_jpeg, jpeg_window, any_format)
   return tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
 
@@ -141,17 +143,39 @@ def _int_seed(*parts: int) -> int:
   return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint32)[0])
 
 
-def _numpy_batches(ds: tf.data.Dataset, what: str):
-  """Iterates `ds` as numpy, turning decode failures into one-line DatasetErrors."""
+def _numpy_batches(ds: tf.data.Dataset, what: str, batch_records):
+  """Iterates `ds` as numpy, turning decode failures into one-line DatasetErrors.
+
+  `batch_records(b)` are the (undecoded) records of batch b: TensorFlow's decoders do not say
+  which file they failed on (a truncated JPEG gives "jpeg::Uncompress failed"), so the records
+  of the failing batch are decoded again one by one to name it.
+  """
+  yielded = 0
   try:
-    yield from ds.as_numpy_iterator()
+    for batch in ds.as_numpy_iterator():
+      yield batch
+      yielded += 1
   except _DecodeError as e:
     match = re.search(_CORRUPT + r"\]\s*\[b?['\"]?([^'\"\]]*)", e.message)
     if match:
       raise DatasetError(f"{what}: {_CORRUPT} {match.group(1)} (not a JPEG/PNG/GIF/BMP/WebP "
                          f"image); remove or replace it") from None
-    first_line = e.message.strip().splitlines()[0]
+    first_line = tf_reason(e.message)
+    name = _undecodable(batch_records(yielded))
+    if name:
+      raise DatasetError(f"{what}: cannot decode {name} ({first_line}); remove or replace "
+                         f"it") from None
     raise DatasetError(f"{what}: cannot decode an image: {first_line}") from None
+
+
+def _undecodable(records: tf.data.Dataset) -> str | None:
+  """The name of the first record whose image TensorFlow cannot decode, if any."""
+  for record in records:
+    try:
+      tf.io.decode_image(record["image"], channels=3, expand_animations=False)
+    except _DecodeError:
+      return record["name"].numpy().decode() or "an unnamed record"
+  return None
 
 
 def _train_example_fn(config, source: Source, base_seed):
@@ -189,20 +213,59 @@ def _train_example_fn(config, source: Source, base_seed):
   return fn
 
 
-def _batch_fn(config, num_classes: int, local_batch: int, base_seed):
-  """(epoch, batch) -> {'image', 'label' soft targets}: mixup/cutmix + label smoothing."""
-  kwargs = {"mixup_alpha": _aug(config, "mixup_alpha", 0.8),
-            "cutmix_alpha": _aug(config, "cutmix_alpha", 1.0),
-            "prob": _aug(config, "mixup_prob", 1.0),
-            "switch_prob": _aug(config, "mixup_switch_prob", 0.5),
-            "smoothing": _aug(config, "label_smoothing", 0.1)}
+def _mixup_kwargs(config) -> dict:
+  return {"mixup_alpha": _aug(config, "mixup_alpha", 0.8),
+          "cutmix_alpha": _aug(config, "cutmix_alpha", 1.0),
+          "prob": _aug(config, "mixup_prob", 1.0),
+          "switch_prob": _aug(config, "mixup_switch_prob", 0.5),
+          "smoothing": _aug(config, "label_smoothing", 0.1)}
+
+
+def _mixup_group(config, global_batch: int, local_batch: int) -> int:
+  """Examples mixed together (one lam, each paired with its mirror in the group): timm mixes
+  each GPU's batch, 128 examples in the official 8 x 128 recipe (config.aug.mixup_batch); without
+  mixup, one group per process."""
+  kwargs = _mixup_kwargs(config)
+  if (kwargs["mixup_alpha"] <= 0 and kwargs["cutmix_alpha"] <= 0) or kwargs["prob"] <= 0:
+    return local_batch
+  group = min(int(_aug(config, "mixup_batch", 128)), global_batch)
+  if group <= 0 or global_batch % group:
+    raise DatasetError(f"aug.mixup_batch={group} must be a positive divisor of batch_size="
+                       f"{global_batch}")
+  return group
+
+
+def _window(global_batch: int, local_batch: int, index: int, group: int) -> tuple[int, int]:
+  """Rows [lo, hi) of each global batch that process `index` decodes: its own rows
+  [index * local, (index + 1) * local), widened to whole mixup groups (groups that straddle two
+  processes are decoded by both, so that each can mix its rows as one process would)."""
+  lo = index * local_batch // group * group
+  hi = -(-(index + 1) * local_batch // group) * group
+  return lo, hi
+
+
+def _batch_fn(config, num_classes: int, global_batch: int, group: int, window, own: int,
+              local_batch: int, base_seed):
+  """(epoch, rows `window` of a global batch) -> this process's rows {'image', 'label' soft
+  targets}: mixup/cutmix per group of `group` global rows, seeded by the group's global index,
+  and label smoothing."""
+  kwargs = _mixup_kwargs(config)
+  lo, hi = window
 
   def fn(epoch, batch):
-    seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
-    seed = tf.random.experimental.stateless_fold_in(seed, batch["pos"][0] // local_batch)
-    images, labels = augment.mixup_cutmix(batch["image"], batch["label"], seed, num_classes,
-                                          **kwargs)
-    return {"image": images, "label": labels}
+    step = batch["pos"][0] // global_batch
+    images, labels = [], []
+    for first in range(lo, hi, group):
+      seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+      seed = tf.random.experimental.stateless_fold_in(
+          seed, step * (global_batch // group) + first // group)
+      rows = slice(first - lo, first - lo + group)
+      mixed, targets = augment.mixup_cutmix(batch["image"][rows], batch["label"][rows], seed,
+                                            num_classes, **kwargs)
+      images.append(mixed)
+      labels.append(targets)
+    mine = slice(own - lo, own - lo + local_batch)
+    return {"image": tf.concat(images, 0)[mine], "label": tf.concat(labels, 0)[mine]}
 
   return fn
 
@@ -212,27 +275,32 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
   """Infinite iterator of this process's batches, identical from step `start_step` on to the
   stream of an uninterrupted run: {'image' float32 [B, S, S, 3], 'label' float32 [B, K]}.
 
-  Epochs have num_train_examples // batch_size steps on every process. With repeated
+  Process i of P yields rows [i * B, (i + 1) * B) of each global batch (B = batch_size / P),
+  the rows its devices hold in the global array (sharding.global_batch). Every process reads the
+  whole split in the same order and decodes only its rows (and those of a mixup group it shares
+  with a neighbour). Epochs have num_train_examples // batch_size steps. With repeated
   augmentation x R, an epoch takes 1 / R of its (shuffled) records and shows each R times,
-  consecutively and with different augmentations (DeiT's RASampler puts the R copies into the
-  same global batch too); the epoch length is unchanged.
+  at consecutive positions and with different augmentations (DeiT's RASampler puts the R copies
+  into the same global batch too); the epoch length is unchanged.
   """
   index, count = _process(process_index, process_count)
   source = _source(config)
   train_split, _ = _splits(config, source)
-  local_batch = _local_batch(config.get("batch_size", 1024), count, "batch_size")
+  global_batch = config.get("batch_size", 1024)
+  local_batch = _local_batch(global_batch, count, "batch_size")
   num_classes = config.get("num_classes", 0) or source.num_classes
   num_examples = source.num_examples(train_split)
-  steps_per_epoch = max(num_examples // config.get("batch_size", 1024), 1)
-  per_epoch = steps_per_epoch * local_batch
+  steps_per_epoch = max(num_examples // global_batch, 1)
+  per_epoch = steps_per_epoch * global_batch
   repeats = max(int(_aug(config, "repeated_aug", 3)), 1)
   seed = config.get("seed", 0)
   cache = config.get("cache", False)
-  shard = source.read(train_split, index, count)
+  group = _mixup_group(config, global_batch, local_batch)
+  lo, hi = _window(global_batch, local_batch, index, group)
+  shard = source.read(train_split)
   shard_size = int(shard.cardinality())
   if shard_size <= 0:
-    raise DatasetError(f"{source.name}: split {train_split!r} has no examples for process "
-                       f"{index} of {count}")
+    raise DatasetError(f"{source.name}: split {train_split!r} has no examples")
   if cache:
     shard = shard.cache()
     # Fill the in-memory cache with one full pass now. Left to the epoch pipelines, a pass that
@@ -243,30 +311,36 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
   # shard shuffle fully so that this subset is uniform, else use the configured buffer.
   buffer = (shard_size if cache and repeats > 1
             else min(config.get("shuffle_buffer", 50_000), shard_size))
-  example_fn = _train_example_fn(config, source, tf.constant([seed, index], tf.int64))
-  batch_fn = _batch_fn(config, num_classes, local_batch, tf.constant([seed, index + (1 << 20)],
-                                                                     tf.int64))
+  # Seeds and shuffles take no process index: they are those of process 0 of 1.
+  example_fn = _train_example_fn(config, source, tf.constant([seed, 0], tf.int64))
+  batch_fn = _batch_fn(config, num_classes, global_batch, group, (lo, hi), index * local_batch,
+                       local_batch, tf.constant([seed, 1 << 20], tf.int64))
   options = tf.data.Options()
   options.deterministic = True
   first_epoch, skip = divmod(start_step, steps_per_epoch)
 
-  def epoch_batches(epoch: int, skip_steps: int):
-    records = shard if cache else source.read(train_split, index, count,
-                                              shuffle_seed=_int_seed(seed, epoch, index))
-    records = records.shuffle(buffer, seed=_int_seed(seed, epoch, index, 1),
+  def epoch_records(epoch: int, skip_steps: int):
+    records = shard if cache else source.read(train_split,
+                                              shuffle_seed=_int_seed(seed, epoch, 0))
+    records = records.shuffle(buffer, seed=_int_seed(seed, epoch, 0, 1),
                               reshuffle_each_iteration=True).repeat()
     records = records.take(math.ceil(per_epoch / repeats)).enumerate()
     records = records.flat_map(lambda i, r: tf.data.Dataset.range(repeats).map(
         lambda k: {**r, "pos": i * repeats + k}))
-    records = records.take(per_epoch).skip(skip_steps * local_batch)
+    records = records.take(per_epoch).skip(skip_steps * global_batch)
+    return records.filter(lambda r: (r["pos"] % global_batch >= lo)
+                          & (r["pos"] % global_batch < hi))
+
+  def epoch_batches(epoch: int, records):
     ds = records.map(functools.partial(example_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.batch(hi - lo, drop_remainder=True)
     ds = ds.map(functools.partial(batch_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
   for epoch in itertools.count(first_epoch):
-    yield from _numpy_batches(epoch_batches(epoch, skip if epoch == first_epoch else 0),
-                              f"{source.name} {train_split}")
+    records = epoch_records(epoch, skip if epoch == first_epoch else 0)
+    yield from _numpy_batches(epoch_batches(epoch, records), f"{source.name} {train_split}",
+                              lambda b, records=records: records.skip(b * (hi - lo)).take(hi - lo))
 
 
 def eval_iterator(config, *, process_index: int | None = None,
@@ -298,7 +372,8 @@ def eval_iterator(config, *, process_index: int | None = None,
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
-  return _numpy_batches(ds.with_options(options), f"{source.name} {eval_split}")
+  return _numpy_batches(ds.with_options(options), f"{source.name} {eval_split}",
+                        lambda b: shard.skip(b * local_batch).take(local_batch))
 
 
 def measure_throughput(config, num_batches: int = 20, warmup_batches: int = 2) -> float:

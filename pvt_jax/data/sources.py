@@ -19,10 +19,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from pvt_jax.data import fashion_mnist
-from pvt_jax.data.errors import DatasetError
+from pvt_jax.data.errors import DatasetError, tf_reason
 
 FOLDER_PREFIX = "folder:"
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what tfds ImageFolder reads
+# Leading bytes of the formats tf.io.decode_image reads.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+_TAIL = 4096  # bytes at a file's end searched for its format's end marker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +102,7 @@ def open_source(config) -> Source:
     return _fashion_mnist(config.get("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist"),
                           data_dir)
   if dataset.startswith(FOLDER_PREFIX):
-    return _image_folder(dataset[len(FOLDER_PREFIX):])
+    return _image_folder(dataset[len(FOLDER_PREFIX):], config.get("check_data", True))
   return _tfds(dataset, data_dir, config.get("manual_dir", None))
 
 
@@ -135,19 +139,36 @@ def _exclusive(path: str):
 def _prepared(make_builder, **prepare_kwargs):
   """A prepared builder; the first process to get the lock prepares it, the others reuse it."""
   builder = make_builder()
-  if builder.is_prepared():
+  if _is_prepared(builder):
     return builder
   with _exclusive(str(builder.data_dir)):
     builder = make_builder()  # re-read: another process may have prepared it meanwhile
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
       builder.download_and_prepare(**prepare_kwargs)
   return builder
 
 
-def _image_folder(root: str) -> Source:
+def _is_prepared(builder) -> bool:
+  """builder.is_prepared() without its warning "Variant folder ... has no dataset_info.json",
+  which tfds logs for the version folder of a dataset that is simply not prepared yet."""
+  return tf.io.gfile.exists(str(builder.data_dir)) and builder.is_prepared()
+
+
+def _image_folder(root: str, check: bool) -> Source:
   if not os.path.isdir(root):
     raise DatasetError(f"image folder {root} does not exist (expected {root}/<split>/<class>/"
                        f"*.jpg|png)")
+  files = _folder_images(root)
+  empty = [os.path.join(root, split, label) for (split, label), paths in files.items()
+           if not paths]
+  if empty:
+    # ImageFolder would keep such a class (the model trains an output it never sees an example
+    # of) or, absent from a split, lose it: a half-copied dataset should be fixed, not trained.
+    raise DatasetError(f"image folder {root}: {len(empty)} class folder(s) without images "
+                       f"({', '.join(IMAGE_EXTENSIONS)}), first {empty[0]}; remove them or "
+                       f"add the images")
+  if check:
+    _check_image_files(root, [path for paths in files.values() for path in paths])
   builder = tfds.ImageFolder(root)
   info = builder.info
   splits = {name: split.num_examples for name, split in info.splits.items()}
@@ -160,6 +181,49 @@ def _image_folder(root: str) -> Source:
                        f"needs at least 2 (root/<split>/<class>/*.jpg)")
   return Source(f"folder:{root}", builder, "image", "label", "image/filename", encoded=True,
                 num_classes=num_classes, splits_by_slicing=False)
+
+
+def _folder_images(root: str) -> dict[tuple[str, str], list[str]]:
+  """{(split, class): image paths} of root/<split>/<class>/, as tfds ImageFolder lists them."""
+  files = {}
+  for split in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+    for label in sorted(e.name for e in os.scandir(os.path.join(root, split)) if e.is_dir()):
+      folder = os.path.join(root, split, label)
+      files[split, label] = sorted(e.path for e in os.scandir(folder)
+                                   if e.name.lower().endswith(IMAGE_EXTENSIONS))
+  return files
+
+
+def _check_image_files(root: str, paths: list[str]) -> None:
+  """Refuses files that training or evaluation would stop on, before either starts: not an
+  image, or cut short (a JPEG without its end marker, a PNG without IEND). Reads each file's
+  first and last bytes only; files that look cut short are decoded to be sure (trailing bytes
+  after the end marker are allowed, as TensorFlow's decoders allow them)."""
+  bad = []
+  for path in paths:
+    with open(path, "rb") as f:
+      head = f.read(8)
+      f.seek(max(os.fstat(f.fileno()).st_size - _TAIL, 0))
+      tail = f.read()
+    if not head.startswith(IMAGE_MAGIC):
+      bad.append(f"{path} (not a JPEG/PNG/GIF/BMP/WebP image)")
+    elif ((head.startswith(IMAGE_MAGIC[0]) and b"\xff\xd9" not in tail)
+          or (head.startswith(IMAGE_MAGIC[1]) and b"IEND" not in tail)):
+      problem = _decode_problem(path)
+      if problem:
+        bad.append(f"{path} ({problem})")
+  if bad:
+    raise DatasetError(f"image folder {root}: {len(bad)} unreadable image file(s): "
+                       f"{'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}; remove or "
+                       f"replace them (config.check_data=False skips this check)")
+
+
+def _decode_problem(path: str) -> str | None:
+  try:
+    tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  except tf.errors.InvalidArgumentError as e:
+    return f"truncated or corrupt: {tf_reason(e.message)}"
+  return None
 
 
 def _tfds(name: str, data_dir: str | None, manual_dir: str | None) -> Source:
