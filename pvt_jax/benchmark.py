@@ -8,7 +8,7 @@ both see the same machine load; compile times; peak memory; XLA's FLOP count aga
 and against the machine's measured matmul peak in the compute dtype. Then a resolution sweep
 (inference time and memory against pixel count, with a linear fit) and the input pipeline's
 images/s. Writes `results.json`, `results.md` (the README table, with the command that made it)
-and `benchmark.png` into --output_dir.
+and, when there is a sweep, `benchmark.png` into --output_dir.
 
 timm runs on the chip JAX runs on: the CPU, or a CUDA GPU (with autocast for bfloat16, timm's AMP).
 """
@@ -630,7 +630,8 @@ def define_flags():
                     "no input pipeline.")
   flags.DEFINE_bool("remat_memory", False, "Also compile the train steps of B5 at 224 px and "
                     "B2 at 512 px with and without remat: memory and compile time (slow).")
-  flags.DEFINE_string("output_dir", None, "Where results.json/.md and benchmark.png go.")
+  flags.DEFINE_string("output_dir", None, "Where results.json/.md go, and benchmark.png "
+                      "(the sweep's plot; none with --sweep_variants='').")
   flags.mark_flag_as_required("output_dir")
 
 
