@@ -8,7 +8,7 @@ both see the same machine load; compile times; peak memory; XLA's FLOP count aga
 and against the machine's measured matmul peak in the compute dtype. Then a resolution sweep
 (inference time and memory against pixel count, with a linear fit) and the input pipeline's
 images/s. Writes `results.json`, `results.md` (the README table, with the command that made it)
-and `benchmark.png` into --output_dir.
+and, when there is a sweep, `benchmark.png` into --output_dir.
 
 timm runs on the chip JAX runs on: the CPU, or a CUDA GPU (with autocast for bfloat16, timm's AMP).
 """
@@ -39,7 +39,7 @@ from absl import app, flags
 from pvt_jax import cpu, dense_report
 from pvt_jax.cpu import kernels
 from pvt_jax.cpu.compile_options import inference_compiler_options
-from pvt_jax.models import VARIANTS, create_model
+from pvt_jax.models import VARIANTS, create_model, remat
 
 # Paper / official GMACs at 224x224 (REFERENCE.md); one multiply-add = 2 FLOPs.
 PAPER_GMACS = {"b0": 0.57, "b1": 2.12, "b2": 4.05, "b2_li": 3.91, "b3": 6.92, "b4": 10.14,
@@ -67,6 +67,7 @@ class Settings:
   matmul_size: int
   input_batches: int
   fashion_mnist_dir: str
+  remat_memory: bool = False
 
 
 def check_settings(s: Settings) -> None:
@@ -179,8 +180,9 @@ def xla_flops(fn, *args) -> float:
 class JaxModel:
   """A compiled inference function and a compiled AdamW train step (params donated)."""
 
-  def __init__(self, variant: str, batch: int, height: int, width: int, dtype: str):
-    self.model = create_model(variant, NUM_CLASSES, dtype=DTYPES[dtype])
+  def __init__(self, variant: str, batch: int, height: int, width: int, dtype: str,
+               remat_policy: str = "none"):
+    self.model = create_model(variant, NUM_CLASSES, dtype=DTYPES[dtype], remat_policy=remat_policy)
     rng = np.random.default_rng(0)
     self.images = jnp.asarray(rng.standard_normal((batch, height, width, 3), np.float32))
     self.labels = jax.nn.one_hot(rng.integers(0, NUM_CLASSES, batch), NUM_CLASSES)
@@ -203,10 +205,11 @@ class JaxModel:
   def _logits(self, params, images):
     return self.model.apply({"params": params}, images)
 
+  def _loss(self, params, images, labels):
+    return optax.softmax_cross_entropy(self._logits(params, images), labels).mean()
+
   def _train_step(self, params, opt_state, images, labels):
-    def loss_fn(p):
-      return optax.softmax_cross_entropy(self._logits(p, images), labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.value_and_grad(self._loss)(params, images, labels)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -388,6 +391,28 @@ def resolution_sweep(s: Settings) -> dict:
   return out
 
 
+# Train steps whose memory the issue tracker asked for: B5 at 224 px and B2 at 512 px.
+REMAT_CASES = (("b5", 224), ("b2", 512))
+
+
+def remat_memory(s: Settings) -> list:
+  """Train-step memory with and without remat (`--remat_memory`): XLA's plan of the compiled
+  step, the activations the forward keeps for the backward (`remat.residual_bytes`, what remat
+  saves on GPU and TPU; XLA:CPU's compiled step undoes remat) and compile times."""
+  rows = []
+  for variant, r in REMAT_CASES:
+    for policy in ("none", "full"):
+      jx = JaxModel(variant, s.batch_size, r, r, s.dtype, remat_policy=policy)
+      compiled, compile_s = jx.compile_train()
+      rows.append({"variant": variant, "resolution": r, "batch_size": s.batch_size,
+                   "remat_policy": policy, "train_compile_s": compile_s,
+                   "xla_memory": xla_memory(compiled),
+                   "residual_bytes": remat.residual_bytes(jx._loss, jx.params, jx.images,
+                                                          jx.labels)})
+      del jx, compiled
+  return rows
+
+
 def _line_fit(rows, key) -> dict:
   """y = a * pixels + b; r2 near 1 means linear growth, `per_pixel_growth` > 1 faster than it."""
   x = np.asarray([row["pixels"] for row in rows], np.float64)
@@ -444,6 +469,19 @@ def environment() -> dict:
 
 def _mib(n):
   return f"{n / 2**20:,.0f}" if n is not None else "n/a"
+
+
+def remat_markdown(rows) -> list:
+  """The `--remat_memory` table's lines."""
+  lines = ["", "Train step with and without remat (XLA:CPU's compiled step undoes remat; the kept "
+           "activations are what it saves on GPU/TPU):", "",
+           "| variant | px | batch | remat | XLA peak MiB | kept activations MiB | compile s |",
+           "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(f"| {row['variant']} | {row['resolution']} | {row['batch_size']} "
+                 f"| {row['remat_policy']} | {_mib(row['xla_memory'].get('peak_bytes'))} "
+                 f"| {_mib(row['residual_bytes'])} | {row['train_compile_s']:.1f} |")
+  return lines
 
 
 def markdown(results: dict) -> str:
@@ -516,6 +554,8 @@ def markdown(results: dict) -> str:
     lines += ["", (f"Input pipeline: {ip['img_per_s']:.1f} img/s ({ip['dataset']}, "
                    f"{ip['augmentation']} augmentation)") if ip["ok"]
               else f"Input pipeline: not measured ({ip['error']})"]
+  if results.get("remat_memory"):
+    lines += remat_markdown(results["remat_memory"])
   return "\n".join(lines) + "\n"
 
 
@@ -555,6 +595,7 @@ def run(s: Settings, output_dir: str, command: str) -> dict:
     results["variants"].append(compare_variant(variant, s, peak["gflops_per_s"] * 1e9, device))
   results["sweep"] = resolution_sweep(s) if s.sweep_variants else {}
   results["input_pipeline"] = input_pipeline(s) if s.input_batches else None
+  results["remat_memory"] = remat_memory(s) if s.remat_memory else []
   with open(os.path.join(output_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
   table = markdown(results)
@@ -589,7 +630,10 @@ def define_flags():
                     "no input pipeline.")
   flags.DEFINE_bool("dense", False, "Instead: the Semantic FPN / RetinaNet parameter and GFLOPs "
                     "tables next to the paper's (pvt_jax/dense_report.py; --quick: B0, 64 px).")
-  flags.DEFINE_string("output_dir", None, "Where results.json/.md and benchmark.png go.")
+  flags.DEFINE_bool("remat_memory", False, "Also compile the train steps of B5 at 224 px and "
+                    "B2 at 512 px with and without remat: memory and compile time (slow).")
+  flags.DEFINE_string("output_dir", None, "Where results.json/.md go, and benchmark.png "
+                      "(the sweep's plot; none with --sweep_variants='').")
   flags.mark_flag_as_required("output_dir")
 
 
@@ -601,7 +645,7 @@ def settings_from_flags() -> Settings:
   s = Settings(tuple(FLAGS.variants), FLAGS.resolution, FLAGS.batch_size, FLAGS.dtype,
                FLAGS.repeats, FLAGS.torch_compile, tuple(FLAGS.sweep_variants), sweep_resolutions,
                FLAGS.sweep_batch_size, FLAGS.sweep_repeats, FLAGS.matmul_size, FLAGS.input_batches,
-               FLAGS.fashion_mnist_dir)
+               FLAGS.fashion_mnist_dir, FLAGS.remat_memory)
   if FLAGS.quick:
     s = Settings(("b0",), 32, 2, FLAGS.dtype, 2, False, ("b0",), (32, 64), 1, 2, 256, 0,
                  FLAGS.fashion_mnist_dir)

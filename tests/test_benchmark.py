@@ -182,3 +182,16 @@ def test_flop_count_of_the_depthwise_weight_gradient_is_its_work():
   assert compiled["flops"] > c / 2 * taps  # what the compiled count would have said
 
 
+
+
+@pytest.mark.slow
+def test_remat_memory_rows(monkeypatch):
+  """`--remat_memory`'s rows (here on B0 at 32 px): remat keeps less for the backward pass."""
+  monkeypatch.setattr(benchmark, "REMAT_CASES", (("b0", 32),))
+  s = benchmark.Settings(("b0",), 32, 2, "float32", 1, False, (), (), 1, 1, 64, 0, "",
+                         remat_memory=True)
+  plain, full = benchmark.remat_memory(s)
+  assert (plain["remat_policy"], full["remat_policy"]) == ("none", "full")
+  assert full["residual_bytes"] < 0.3 * plain["residual_bytes"]
+  assert plain["train_compile_s"] > 0 and full["xla_memory"]["peak_bytes"] > 0
+  assert "| b0 | 32 | 2 | full |" in "\n".join(benchmark.remat_markdown([plain, full]))

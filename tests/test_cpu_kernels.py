@@ -312,3 +312,33 @@ def test_direct_calls_register_the_kernels_first():
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0 and float(result.stdout) == 48.0, result.stderr[-2000:]
+
+
+_GRADIENT_BITS = textwrap.dedent("""
+    import hashlib, os, sys
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:int(sys.argv[1])]))
+    import jax, jax.numpy as jnp, numpy as np
+    from pvt_jax.models import dispatch
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 256, 1, 32)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((1, 64, 2, 1, 32)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 64, 8, 32)), jnp.float32)
+    fc1, fc1_bias = jnp.eye(32), jnp.zeros(32)
+    taps, bias = jnp.asarray(rng.standard_normal((3, 3, 1, 32)), jnp.float32), jnp.zeros(32)
+    grads = jax.jit(jax.grad(lambda q, kv, x, taps: dispatch.attention(q, kv).sum()
+                             + dispatch.conv_ffn_hidden(x, fc1, fc1_bias, taps, bias,
+                                                        relu=False).sum(),
+                             argnums=(0, 1, 2, 3)))(q, kv, x, taps)
+    print(hashlib.sha256(b"".join(np.asarray(g).tobytes() for g in grads)).hexdigest())
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_kernel_gradients_do_not_depend_on_the_thread_count():
+  """One image, one head: the kernels' partial sums (attention dk/dv, the depthwise taps) are
+  split by a fixed work-item count, so 1 and 2 cores (XLA's pool follows the affinity) agree."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  bits = [subprocess.run([sys.executable, "-c", _GRADIENT_BITS, str(cores)], env=env, check=True,
+                         capture_output=True, text=True, timeout=600).stdout for cores in (1, 2)]
+  assert bits[0] == bits[1] and len(bits[0].strip()) == 64

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from pvt_jax.models import create_model
+from pvt_jax.models import create_model, remat
 
 IMAGES = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
 LABELS = jax.nn.one_hot(jnp.array([1, 3]), 10)
@@ -24,20 +24,11 @@ def _loss_and_grad(policy):
   return params, loss_fn
 
 
-def _residual_bytes(loss_fn, params) -> int:
-  """What the forward pass keeps for the backward besides the parameters (the leaves of the VJP
-  closure), in bytes: on GPU and TPU the compiled step's activation memory. (XLA:CPU drops
-  remat's optimization barriers and merges the recomputation into the forward pass, so its
-  compiled step keeps all.)"""
-  def nbytes(tree):
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
-  return nbytes(jax.eval_shape(lambda p: jax.vjp(loss_fn, p)[1], params)) - nbytes(params)
-
-
 @pytest.fixture(scope="module")
 def without_remat():
   params, loss_fn = _loss_and_grad("none")
-  return params, jax.jit(jax.value_and_grad(loss_fn))(params), _residual_bytes(loss_fn, params)
+  loss_and_grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+  return params, loss_and_grads, remat.residual_bytes(loss_fn, params)
 
 
 @pytest.mark.slow
@@ -51,7 +42,7 @@ def test_same_parameters_and_gradients_fewer_residuals(without_remat, policy):
   np.testing.assert_allclose(loss, loss_plain, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads, grads_plain)
-  assert _residual_bytes(loss_fn, params) < 0.3 * residuals_plain
+  assert remat.residual_bytes(loss_fn, params) < 0.3 * residuals_plain
 
 
 def test_unknown_policy_is_one_line_error():

@@ -35,3 +35,13 @@ def block_class(block: type[nn.Module], policy: str) -> type[nn.Module]:
   # `train` is a Python bool (static); prevent_cse keeps XLA from merging the recomputation
   # with the forward pass (needed outside a scan).
   return nn.remat(block, policy=POLICIES[policy], static_argnums=(2,), prevent_cse=True)
+
+
+def residual_bytes(fn, *args) -> int:
+  """Bytes that the forward pass of fn(*args) keeps for the backward besides the arguments (the
+  leaves of its VJP closure): the activation memory remat trades for recomputation, as GPUs and
+  TPUs compile it. XLA:CPU drops remat's optimization barriers and merges the recomputation back
+  into the forward pass, so there the compiled step keeps everything whatever the policy."""
+  def nbytes(tree):
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+  return nbytes(jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args)) - nbytes(args)

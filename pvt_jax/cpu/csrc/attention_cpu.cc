@@ -48,12 +48,12 @@ ffi::Error GetShape(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& kv, Shape* 
 
 bool Empty(const Shape& s) { return s.B * s.N * s.H == 0; }
 
-// Work items: (image, head, block of queries), about 8 per thread.
+// Work items: (image, head, block of queries), blocks only when images x heads < kWorkItems.
 struct Chunks {
   int64_t per_head, rows, count;
 
-  Chunks(const Shape& s, int64_t threads) {
-    per_head = std::min<int64_t>(s.N, (8 * threads + s.B * s.H - 1) / (s.B * s.H));
+  explicit Chunks(const Shape& s) {
+    per_head = std::min<int64_t>(s.N, (kWorkItems + s.B * s.H - 1) / (s.B * s.H));
     rows = (s.N + per_head - 1) / per_head;
     per_head = (s.N + rows - 1) / rows;
     count = s.B * s.H * per_head;
@@ -175,7 +175,7 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   Shape s;
   if (ffi::Error error = GetShape(q, kv, &s); error.failure()) return error;
   if (Empty(s)) return ffi::Error::Success();
-  const Chunks chunks(s, std::max<int64_t>(1, pool.num_threads()));
+  const Chunks chunks(s);
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.D));
   auto chunk_body = [&](int64_t chunk) {
     const int64_t b = chunk / (s.H * chunks.per_head), h = chunk / chunks.per_head % s.H;
@@ -205,7 +205,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     std::fill(dkv->typed_data(), dkv->typed_data() + dkv->element_count(), 0.0f);
     return ffi::Error::Success();
   }
-  const Chunks chunks(s, std::max<int64_t>(1, pool.num_threads()));
+  const Chunks chunks(s);
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.D));
   std::vector<float> partial(chunks.count * s.M * 2 * s.D, 0.0f);  // per chunk: dk, dv [M, 2, D]
   auto chunk_body = [&](int64_t chunk) {

@@ -107,6 +107,12 @@ inline void MapInPlace(float* data, int64_t n, F f) {
   for (; k < n; ++k) data[k] = f(data[k], k);
 }
 
+// Work items a kernel splits a small batch into, when it must split images (or heads) to keep
+// threads busy. Fixed, not sized by the thread pool: where the items hold partial sums, their
+// number sets the order of the final additions, so the bits must not depend on the core count
+// (a run resumed on another machine gives the same numbers). 32 keeps up to ~16 threads busy.
+constexpr int64_t kWorkItems = 32;
+
 // Runs body(i) for i in [0, n) on XLA's intra-op threads and the calling one. Workers claim
 // indices from a shared counter, so a task the pool starts late finds nothing left and returns;
 // the caller waits only for claimed indices, never for a queued task (no deadlock when the

@@ -205,9 +205,9 @@ ffi::Error DepthwiseGeluBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t t = 0; t < 9; ++t) std::copy(tp + t * C, tp + (t + 1) * C, &flipped[(8 - t) * C]);
   const Weights weights{input_bias.typed_data(), tp, bias.typed_data()};
   const Weights flipped_weights{zeros.data(), flipped.data(), zeros.data()};
-  // Chunks of rows per image: about 8 per thread, each recomputing one halo row on either side.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t splits = std::min<int64_t>(H, (8 * threads + B - 1) / B);
+  // Chunks of rows per image (each recomputing one halo row on either side), split only when
+  // there are fewer than kWorkItems images.
+  const int64_t splits = std::min<int64_t>(H, (kWorkItems + B - 1) / B);
   const int64_t rows_per_chunk = (H + splits - 1) / splits;
   const int64_t chunks_per_image = (H + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t chunks = B * chunks_per_image;
