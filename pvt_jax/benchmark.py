@@ -39,11 +39,8 @@ from absl import app, flags
 from pvt_jax import cpu, dense_report
 from pvt_jax.cpu import kernels
 from pvt_jax.cpu.compile_options import inference_compiler_options
-from pvt_jax.models import VARIANTS, create_model, remat
+from pvt_jax.models import V2_VARIANTS, VARIANTS, create_model, remat
 
-# Paper / official GMACs at 224x224 (REFERENCE.md); one multiply-add = 2 FLOPs.
-PAPER_GMACS = {"b0": 0.57, "b1": 2.12, "b2": 4.05, "b2_li": 3.91, "b3": 6.92, "b4": 10.14,
-               "b5": 11.76}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NUM_CLASSES = 1000
 
@@ -332,7 +329,8 @@ def compare_variant(variant: str, s: Settings, peak_flops: float, device: str) -
     jt, tt = np.asarray(times[f"jax_{mode}"]), np.asarray(times[f"torch_{mode}"])
     result[f"{mode}_speedup"] = {"ratio_of_medians": float(np.median(tt) / np.median(jt)),
                                  "per_repeat": (tt / jt).tolist()}
-  gflops_paper = 2 * PAPER_GMACS[variant] * (r * r) / 224**2
+  # The official GMACs at 224x224 (the variant table); one multiply-add = 2 FLOPs.
+  gflops_paper = 2 * VARIANTS[variant].official.gmacs * (r * r) / 224**2
   med_infer = result["timings"]["jax_inference"]["median_s"]
   med_train = result["timings"]["jax_train"]["median_s"]
   result["flops"] = {
@@ -642,6 +640,10 @@ def settings_from_flags() -> Settings:
     sweep_resolutions = tuple(int(r) for r in FLAGS.sweep_resolutions)
   except ValueError as e:
     raise BenchmarkError(f"--sweep_resolutions must be integers: {e}") from e
+  not_in_timm = sorted(set(FLAGS.variants) - set(V2_VARIANTS))
+  if not_in_timm:  # PVT v1 has no timm model to compare with: see python -m pvt_jax.ablation
+    raise BenchmarkError(f"--variants: {', '.join(not_in_timm)} not in timm; choose from "
+                         f"{', '.join(V2_VARIANTS)}")
   s = Settings(tuple(FLAGS.variants), FLAGS.resolution, FLAGS.batch_size, FLAGS.dtype,
                FLAGS.repeats, FLAGS.torch_compile, tuple(FLAGS.sweep_variants), sweep_resolutions,
                FLAGS.sweep_batch_size, FLAGS.sweep_repeats, FLAGS.matmul_size, FLAGS.input_batches,
