@@ -155,7 +155,9 @@ def _numpy_batches(ds: tf.data.Dataset, what: str):
 
 
 def _train_example_fn(config, source: Source, base_seed):
-  """(epoch, record with 'pos') -> {'image' normalised [S, S, 3], 'label', 'pos'}."""
+  """(epoch, record with 'pos') -> {'image' uint8 [S, S, 3], 'label', 'pos'}: the per-image part
+  of the recipe (crop, flip, RandAugment); the batch-level rest runs in the train step
+  (pvt_jax/data/batch_augment.py)."""
   size = config.get("image_size", 224)
   crop_pct = config.get("crop_pct", 0.875)
   rrc = _aug(config, "random_resized_crop", True)
@@ -164,12 +166,11 @@ def _train_example_fn(config, source: Source, base_seed):
   hflip = _aug(config, "hflip", True)
   ra_name = _aug(config, "randaugment", "rand-m9-mstd0.5-inc1")
   ra_spec = randaugment.parse(ra_name) if ra_name else None
-  erasing = _aug(config, "random_erasing", 0.25)
 
   def fn(epoch, record):
     seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
     seed = tf.random.experimental.stateless_fold_in(seed, record["pos"])
-    s_crop, s_flip, s_ra, s_erase = augment.split_seed(seed, 4)
+    s_crop, s_flip, s_ra = augment.split_seed(seed, 3)
     if rrc:
       image = _decode(record, source, functools.partial(
           augment.random_resized_crop_box, s_crop, scale=scale, ratio=ratio))
@@ -180,29 +181,8 @@ def _train_example_fn(config, source: Source, base_seed):
       image = augment.random_flip(image, s_flip)
     if ra_spec is not None:
       image = randaugment.rand_augment(image, s_ra, ra_spec)
-    image = augment.normalize(image)
-    if erasing > 0:
-      image = augment.random_erasing(image, s_erase, erasing)
-    return {"image": tf.ensure_shape(image, [size, size, 3]), "label": record["label"],
-            "pos": record["pos"]}
-
-  return fn
-
-
-def _batch_fn(config, num_classes: int, local_batch: int, base_seed):
-  """(epoch, batch) -> {'image', 'label' soft targets}: mixup/cutmix + label smoothing."""
-  kwargs = {"mixup_alpha": _aug(config, "mixup_alpha", 0.8),
-            "cutmix_alpha": _aug(config, "cutmix_alpha", 1.0),
-            "prob": _aug(config, "mixup_prob", 1.0),
-            "switch_prob": _aug(config, "mixup_switch_prob", 0.5),
-            "smoothing": _aug(config, "label_smoothing", 0.1)}
-
-  def fn(epoch, batch):
-    seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
-    seed = tf.random.experimental.stateless_fold_in(seed, batch["pos"][0] // local_batch)
-    images, labels = augment.mixup_cutmix(batch["image"], batch["label"], seed, num_classes,
-                                          **kwargs)
-    return {"image": images, "label": labels}
+    return {"image": tf.ensure_shape(tf.cast(image, tf.uint8), [size, size, 3]),
+            "label": record["label"], "pos": record["pos"]}
 
   return fn
 
@@ -210,7 +190,8 @@ def _batch_fn(config, num_classes: int, local_batch: int, base_seed):
 def train_iterator(config, start_step: int = 0, *, process_index: int | None = None,
                    process_count: int | None = None):
   """Infinite iterator of this process's batches, identical from step `start_step` on to the
-  stream of an uninterrupted run: {'image' float32 [B, S, S, 3], 'label' float32 [B, K]}.
+  stream of an uninterrupted run: {'image' uint8 [B, S, S, 3], 'label' int32 [B]} (the
+  classification task's train step normalises, erases and mixes them).
 
   Epochs have num_train_examples // batch_size steps on every process. With repeated
   augmentation x R, an epoch takes 1 / R of its (shuffled) records and shows each R times,
@@ -221,7 +202,6 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
   source = _source(config)
   train_split, _ = _splits(config, source)
   local_batch = _local_batch(config.get("batch_size", 1024), count, "batch_size")
-  num_classes = config.get("num_classes", 0) or source.num_classes
   num_examples = source.num_examples(train_split)
   steps_per_epoch = max(num_examples // config.get("batch_size", 1024), 1)
   per_epoch = steps_per_epoch * local_batch
@@ -244,8 +224,6 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
   buffer = (shard_size if cache and repeats > 1
             else min(config.get("shuffle_buffer", 50_000), shard_size))
   example_fn = _train_example_fn(config, source, tf.constant([seed, index], tf.int64))
-  batch_fn = _batch_fn(config, num_classes, local_batch, tf.constant([seed, index + (1 << 20)],
-                                                                     tf.int64))
   options = tf.data.Options()
   options.deterministic = True
   first_epoch, skip = divmod(start_step, steps_per_epoch)
@@ -260,8 +238,8 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
         lambda k: {**r, "pos": i * repeats + k}))
     records = records.take(per_epoch).skip(skip_steps * local_batch)
     ds = records.map(functools.partial(example_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(functools.partial(batch_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True).map(
+        lambda batch: {"image": batch["image"], "label": batch["label"]})
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
   for epoch in itertools.count(first_epoch):
@@ -271,7 +249,7 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
 
 def eval_iterator(config, *, process_index: int | None = None,
                   process_count: int | None = None):
-  """This process's eval batches {'image', 'label' int32, 'mask' bool}, padded to whole global
+  """This process's eval batches {'image' uint8, 'label' int32, 'mask' bool}, padded to whole global
   batches: every process yields ceil(ceil(N / P) / local_batch) batches and each of the N
   examples has mask True on exactly one process."""
   index, count = _process(process_index, process_count)
@@ -288,11 +266,11 @@ def eval_iterator(config, *, process_index: int | None = None,
 
   def prepare(record):
     image = augment.resize_center_crop(_decode(record, source), size, crop_pct)
-    return {"image": augment.normalize(image), "label": record["label"],
+    return {"image": tf.cast(image, tf.uint8), "label": record["label"],
             "mask": tf.constant(True)}
 
   ds = shard.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  pad = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32),
+  pad = {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
          "mask": tf.constant(False)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
