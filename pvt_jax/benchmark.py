@@ -585,7 +585,12 @@ def define_flags():
   flags.DEFINE_string("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist",
                       "Fashion-MNIST idx files feeding the input-pipeline measurement.")
   flags.DEFINE_bool("quick", False, "Tiny settings for tests: b0, 32 px, batch 2, 2 repeats, "
-                    "no input pipeline.")
+                    "no input pipeline (with --pipeline: a 12-image folder at 64 px).")
+  flags.DEFINE_bool("pipeline", False, "Instead of the models, time the input pipelines against "
+                    "timm's DataLoader (pvt_jax/data/throughput.py): pipeline.md/.json.")
+  flags.DEFINE_string("folder", None, "--pipeline: an ImageFolder root (train/<class>/*.jpg); "
+                      "unset: ImageNet-sized JPEGs are made in output_dir.")
+  flags.DEFINE_integer("pipeline_images", 500, "--pipeline: JPEGs made when --folder is unset.")
   flags.DEFINE_string("output_dir", None, "Where results.json/.md and benchmark.png go.")
   flags.mark_flag_as_required("output_dir")
 
@@ -612,6 +617,17 @@ def main(argv):
   # On a GPU both frameworks share the card: JAX allocates as it goes instead of taking 75% of it
   # (read when JAX first touches a device, which it has not yet).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if FLAGS.pipeline:
+    import timm  # noqa: F401  (before TensorFlow, which pvt_jax.data loads: see throughput.py)
+
+    from pvt_jax.data import DatasetError, throughput
+    try:
+      throughput.run(throughput.settings(FLAGS.quick, FLAGS.folder, FLAGS.pipeline_images),
+                     FLAGS.output_dir, command)
+    except DatasetError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    return
   try:
     run(settings_from_flags(), FLAGS.output_dir, command)
   except BenchmarkError as e:

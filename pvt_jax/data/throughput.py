@@ -16,11 +16,13 @@ anything of pvt_jax.data, as `pvt_jax.benchmark` does.
 
 import dataclasses
 import itertools
+import json
 import os
 import statistics
 import time
 
 import numpy as np
+import psutil
 import timm.data
 import timm.data.auto_augment
 import torch
@@ -29,6 +31,7 @@ from PIL import Image, ImageDraw, ImageOps
 from timm.data.distributed_sampler import RepeatAugSampler
 
 from pvt_jax.configs import classification
+from pvt_jax.data.errors import DatasetError
 
 SHORT_SIDE = (333, 500)  # ImageNet's typical range
 JPEG_QUALITY = 90
@@ -167,28 +170,45 @@ def _batch_len(batch) -> int:
   return len(images)
 
 
+def _cpu_seconds() -> float:
+  """CPU time of this process (all its threads: tf.data's pool) and its children (timm's
+  DataLoader workers): what a pipeline costs, whatever else runs on the machine."""
+  me = psutil.Process()
+  total = sum(me.cpu_times()[:2])
+  for child in me.children(recursive=True):
+    try:
+      total += sum(child.cpu_times()[:2])
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
 def time_alternately(streams: dict, s: Settings) -> dict:
-  """{name: images/s per round} of iterators timed in turns (order alternating per round)."""
+  """{name: {'img_per_s': [per round], 'cpu_ms_per_img': [per round]}} of iterators timed in
+  turns (order alternating per round)."""
   for stream in streams.values():  # start-up (workers, tf.data graphs, first shuffle buffer)
     for _ in range(s.drain_batches + 1):
       next(stream)
-  rates = {name: [] for name in streams}
+  rates = {name: {"img_per_s": [], "cpu_ms_per_img": []} for name in streams}
   names = list(streams)
   for r in range(s.rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
       stream = streams[name]
       for _ in range(s.drain_batches):
         next(stream)
-      start = time.perf_counter()
+      cpu, start = _cpu_seconds(), time.perf_counter()
       images = sum(_batch_len(next(stream)) for _ in range(s.batches_per_round))
-      rates[name].append(images / (time.perf_counter() - start))
+      wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+      rates[name]["img_per_s"].append(images / wall)
+      rates[name]["cpu_ms_per_img"].append(1e3 * cpu / images)
   return rates
 
 
-def _summary(rates: list[float], cores: int) -> dict:
-  median = statistics.median(rates)
+def _summary(rounds: dict, cores: int) -> dict:
+  median = statistics.median(rounds["img_per_s"])
+  cpu_ms = statistics.median(rounds["cpu_ms_per_img"])
   return {"img_per_s": median, "img_per_s_per_core": median / cores,
-          "img_per_s_rounds": rates}
+          "cpu_ms_per_img": cpu_ms, "img_per_cpu_s": 1e3 / cpu_ms, "rounds": rounds}
 
 
 def compare(s: Settings, output_dir: str) -> dict:
@@ -197,7 +217,7 @@ def compare(s: Settings, output_dir: str) -> dict:
   folder = s.folder or make_jpeg_folder(os.path.join(output_dir, "jpeg_folder"), s.num_images,
                                         s.num_classes, short_side=s.short_side)
   if not os.path.isdir(os.path.join(folder, "train")):
-    raise ValueError(f"--folder {folder} has no train/ split (expected {folder}/train/<class>/"
+    raise DatasetError(f"--folder {folder} has no train/ split (expected {folder}/train/<class>/"
                      f"*.jpg)")
   config = pvt_jax_config(folder, s)
   load = os.getloadavg()[0]
@@ -212,24 +232,52 @@ def compare(s: Settings, output_dir: str) -> dict:
   for mode, ours in (("train", pvt_jax_train_batches), ("eval", pvt_jax_eval_batches)):
     rates = time_alternately({"pvt_jax": ours(config), "timm": timm_streams[mode]}, s)
     results[mode] = {name: _summary(r, cores) for name, r in rates.items()}
-    results[mode]["ratio"] = results[mode]["pvt_jax"]["img_per_s"] / results[mode]["timm"][
-        "img_per_s"]
+    ours_r, timm_r = results[mode]["pvt_jax"], results[mode]["timm"]
+    results[mode]["ratio"] = ours_r["img_per_s"] / timm_r["img_per_s"]
+    results[mode]["cpu_ratio"] = timm_r["cpu_ms_per_img"] / ours_r["cpu_ms_per_img"]
   results["load_average_end"] = os.getloadavg()[0]
   return results
 
 
 def markdown(results: dict, command: str) -> str:
   """The README's pipeline table."""
+  st = results["settings"]
   lines = [f"Command: `{command}`", "",
            f"Machine: {results['cores']} cores, load average {results['load_average_start']:.1f}"
-           f" at start, {results['load_average_end']:.1f} at end; batch "
-           f"{results['settings']['batch_size']}, {results['settings']['image_size']} px, "
-           f"median of {results['settings']['rounds']} alternating rounds of "
-           f"{results['settings']['batches_per_round']} batches.", "",
-           "| pipeline | pvt_jax img/s | timm img/s | ratio | pvt_jax img/s per core |",
-           "|---|---|---|---|---|"]
+           f" at start, {results['load_average_end']:.1f} at end; {st['num_images']} JPEGs "
+           f"(or --folder), batch {st['batch_size']}, {st['image_size']} px; medians of "
+           f"{st['rounds']} alternating rounds of {st['batches_per_round']} batches. CPU ms/img: "
+           "CPU time of the pipeline's threads and worker processes per image (what it costs per "
+           "core, whatever else loads the machine).", "",
+           "| pipeline | pvt_jax img/s | timm img/s | ratio | pvt_jax CPU ms/img | timm CPU ms/img "
+           "| ratio per CPU second |",
+           "|---|---|---|---|---|---|---|"]
   for mode in ("train", "eval"):
     r = results[mode]
     lines.append(f"| {mode} | {r['pvt_jax']['img_per_s']:.1f} | {r['timm']['img_per_s']:.1f} "
-                 f"| {r['ratio']:.2f}x | {r['pvt_jax']['img_per_s_per_core']:.1f} |")
+                 f"| {r['ratio']:.2f}x | {r['pvt_jax']['cpu_ms_per_img']:.2f} "
+                 f"| {r['timm']['cpu_ms_per_img']:.2f} | {r['cpu_ratio']:.2f}x |")
   return "\n".join(lines) + "\n"
+
+
+def settings(quick: bool, folder: str | None, num_images: int) -> Settings:
+  """The issue's measurement (batch 64, 224 px), or a tiny one for tests (`quick`)."""
+  if quick:
+    return Settings(folder, num_images=12, num_classes=2, image_size=64, batch_size=4, rounds=2,
+                    batches_per_round=1, drain_batches=1, short_side=(70, 90))
+  return Settings(folder, num_images=num_images, num_classes=10, image_size=224, batch_size=64,
+                  rounds=5, batches_per_round=4, drain_batches=3)
+
+
+def run(s: Settings, output_dir: str, command: str) -> dict:
+  """`compare`, written to output_dir/pipeline.json and pipeline.md (printed too)."""
+  os.makedirs(output_dir, exist_ok=True)
+  results = compare(s, output_dir)
+  results["command"] = command
+  with open(os.path.join(output_dir, "pipeline.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  table = markdown(results, command)
+  with open(os.path.join(output_dir, "pipeline.md"), "w") as f:
+    f.write(table)
+  print(table)
+  return results
