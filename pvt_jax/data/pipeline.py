@@ -155,9 +155,10 @@ def _numpy_batches(ds: tf.data.Dataset, what: str):
 
 
 def _train_example_fn(config, source: Source, base_seed):
-  """(epoch, record with 'pos') -> {'image' uint8 [S, S, 3], 'label', 'pos'}: the per-image part
-  of the recipe (crop, flip, RandAugment); the batch-level rest runs in the train step
-  (pvt_jax/data/batch_augment.py)."""
+  """record with 'epoch' and 'pos' -> {'image' uint8 [S, S, 3], 'label'}: the per-image part of
+  the recipe (crop, flip, RandAugment); the batch-level rest runs in the train step
+  (pvt_jax/data/batch_augment.py). A tf.function, traced once: every epoch's pipeline calls the
+  same graph (tracing RandAugment's 15 branches anew took seconds per epoch)."""
   size = config.get("image_size", 224)
   crop_pct = config.get("crop_pct", 0.875)
   rrc = _aug(config, "random_resized_crop", True)
@@ -167,8 +168,9 @@ def _train_example_fn(config, source: Source, base_seed):
   ra_name = _aug(config, "randaugment", "rand-m9-mstd0.5-inc1")
   ra_spec = randaugment.parse(ra_name) if ra_name else None
 
-  def fn(epoch, record):
-    seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+  @tf.function
+  def fn(record):
+    seed = tf.random.experimental.stateless_fold_in(base_seed, record["epoch"])
     seed = tf.random.experimental.stateless_fold_in(seed, record["pos"])
     s_crop, s_flip, s_ra = augment.split_seed(seed, 3)
     if rrc:
@@ -182,7 +184,7 @@ def _train_example_fn(config, source: Source, base_seed):
     if ra_spec is not None:
       image = randaugment.rand_augment(image, s_ra, ra_spec)
     return {"image": tf.ensure_shape(tf.cast(image, tf.uint8), [size, size, 3]),
-            "label": record["label"], "pos": record["pos"]}
+            "label": record["label"]}
 
   return fn
 
@@ -235,11 +237,10 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
                               reshuffle_each_iteration=True).repeat()
     records = records.take(math.ceil(per_epoch / repeats)).enumerate()
     records = records.flat_map(lambda i, r: tf.data.Dataset.range(repeats).map(
-        lambda k: {**r, "pos": i * repeats + k}))
+        lambda k: {**r, "pos": i * repeats + k, "epoch": tf.constant(epoch, tf.int64)}))
     records = records.take(per_epoch).skip(skip_steps * local_batch)
-    ds = records.map(functools.partial(example_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch, drop_remainder=True).map(
-        lambda batch: {"image": batch["image"], "label": batch["label"]})
+    ds = records.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
   for epoch in itertools.count(first_epoch):
