@@ -124,7 +124,8 @@ def test_pixel_ops_match_pil(photo, name, ours, reference):
   assert np.abs(got - expected).max() <= 1, name
 
 
-@pytest.mark.parametrize("op,level", [("rotate", 20.0), ("shear_x", 0.2), ("translate_y", 5.0)])
+@pytest.mark.parametrize("op,level", [("rotate", 20.0), ("shear_x", 0.2), ("translate_y", 5.3),
+                                      ("translate_x", -7.6), ("translate_x", 50.0)])
 def test_affine_ops_match_pil_bilinear(photo, op, level):
   ones, zero = tf.constant(1.0), tf.constant(0.0)
   fill = (124, 116, 104)
@@ -136,10 +137,11 @@ def test_affine_ops_match_pil_bilinear(photo, op, level):
                                                       zero))
     expected = _pil(photo).transform(photo.shape[1::-1], Image.AFFINE, (1, level, 0, 0, 1, 0),
                                      resample=Image.BILINEAR, fillcolor=fill)
-  else:
-    got = randaugment.pil_affine(tf.constant(photo), (ones, zero, zero, zero, ones,
-                                                      tf.constant(level)))
-    expected = _pil(photo).transform(photo.shape[1::-1], Image.AFFINE, (1, 0, 0, 0, 1, level),
+  else:  # translations: two shifted slices (the projective transform is kept for the rest)
+    axis = 0 if op == "translate_y" else 1
+    got = randaugment.translate(tf.constant(photo), tf.constant(level), axis=axis)
+    coefficients = (1, 0, 0, 0, 1, level) if axis == 0 else (1, 0, level, 0, 1, 0)
+    expected = _pil(photo).transform(photo.shape[1::-1], Image.AFFINE, coefficients,
                                      resample=Image.BILINEAR, fillcolor=fill)
   diff = np.abs(got.numpy() - np.asarray(expected, np.float32))
   # Interiors agree to rounding; pixels along the edge of the moved image differ in how the
