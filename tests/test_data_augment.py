@@ -71,6 +71,20 @@ def test_resize_center_crop_matches_timm_eval_geometry():
   np.testing.assert_allclose(out[16, :, 0], expected, atol=3)
 
 
+@pytest.mark.parametrize("shape", [(200, 300), (311, 257), (64, 64)])
+def test_resize_center_crop_equals_resizing_the_whole_image(shape):
+  # Only the crop is resampled; the pixels are those of the whole resize, then cropped.
+  image = tf.random.stateless_uniform(shape + (3,), [4, 2], 0, 256, tf.int32)
+  image = tf.cast(image, tf.float32)
+  got = augment.resize_center_crop(image, 56, 0.875).numpy()
+  short = 64  # floor(56 / 0.875)
+  h, w = shape
+  new = (short, int(w * short / h)) if h <= w else (int(h * short / w), short)
+  whole = augment.resize(image, *new).numpy()
+  top, left = round((new[0] - 56) / 2), round((new[1] - 56) / 2)
+  np.testing.assert_array_equal(got, whole[top:top + 56, left:left + 56])
+
+
 def test_random_flip_probability_and_determinism():
   image = tf.reshape(tf.range(12, dtype=tf.float32), [2, 2, 3])
   flipped = sample(lambda s: augment.random_flip(image, s), 2000)
