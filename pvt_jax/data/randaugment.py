@@ -238,19 +238,27 @@ NUM_OPS = 15
 def rand_augment(image, seed, spec: RandAugmentSpec, op_indices=None):
   """Applies `spec` to a float32 [H, W, 3] image with integer values in [0, 255].
 
-  `op_indices` (tests) forces the ops chosen for each layer.
+  The layers run in a tf.while_loop around one 16-way switch (the 15 ops and the identity for
+  an op not applied): a quarter of the graph of unrolled layers with a cond each, which tf.data
+  instantiates anew for every epoch's pipeline. `op_indices` (tests) forces each layer's op.
   """
-  for layer, layer_seed in enumerate(tf.unstack(
-      tf.random.experimental.stateless_split(seed, spec.num_layers))):
+  layer_seeds = tf.random.experimental.stateless_split(seed, spec.num_layers)
+  forced = tf.constant(op_indices if op_indices is not None else [-1] * spec.num_layers,
+                       tf.int32)
+
+  def layer(index, image):
     s_op, s_apply, s_level, s_sign = tf.unstack(
-        tf.random.experimental.stateless_split(layer_seed, 4))
-    op = (tf.random.stateless_uniform([], s_op, 0, NUM_OPS, tf.int32) if op_indices is None
-          else tf.constant(op_indices[layer], tf.int32))
+        tf.random.experimental.stateless_split(layer_seeds[index], 4))
+    op = tf.random.stateless_uniform([], s_op, 0, NUM_OPS, tf.int32)
+    op = tf.where(forced[index] >= 0, forced[index], op)
     apply = tf.random.stateless_uniform([], s_apply) <= spec.prob
     level = spec.magnitude + spec.magnitude_std * tf.random.stateless_normal([], s_level)
     level = tf.clip_by_value(level, 0.0, spec.magnitude_max)
     negate = tf.random.stateless_uniform([], s_sign) > 0.5
-    branches = _ops(image, level, negate)
-    image = tf.cond(apply, lambda b=branches, o=op: tf.switch_case(o, b), lambda i=image: i)
-    image = tf.ensure_shape(image, [None, None, 3])
+    branches = _ops(image, level, negate) + [lambda: image]
+    image = tf.switch_case(tf.where(apply, op, NUM_OPS), branches)
+    return index + 1, tf.ensure_shape(image, [None, None, 3])
+
+  _, image = tf.while_loop(lambda index, _: index < spec.num_layers, layer,
+                           (tf.constant(0), image))
   return image
