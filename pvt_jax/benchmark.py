@@ -590,7 +590,7 @@ def define_flags():
                     "timm's DataLoader (pvt_jax/data/throughput.py): pipeline.md/.json.")
   flags.DEFINE_string("folder", None, "--pipeline: an ImageFolder root (train/<class>/*.jpg); "
                       "unset: ImageNet-sized JPEGs are made in output_dir.")
-  flags.DEFINE_integer("pipeline_images", 500, "--pipeline: JPEGs made when --folder is unset.")
+  flags.DEFINE_integer("pipeline_images", 1000, "--pipeline: JPEGs made when --folder is unset.")
   flags.DEFINE_string("output_dir", None, "Where results.json/.md and benchmark.png go.")
   flags.mark_flag_as_required("output_dir")
 
