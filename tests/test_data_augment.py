@@ -71,6 +71,20 @@ def test_resize_center_crop_matches_timm_eval_geometry():
   np.testing.assert_allclose(out[16, :, 0], expected, atol=3)
 
 
+@pytest.mark.parametrize("shape", [(40, 50), (150, 180), (300, 260), (100, 300)])
+def test_resize_matches_pil_bicubic(shape):
+  # Enlarging (plain bicubic), shrinking (antialiased) and mixed: PIL's bicubic, as timm's
+  # RandomResizedCrop resizes, up to rounding and the border taps.
+  rng = np.random.default_rng(shape[0])
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  pixels = 128 + 90 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None] * np.ones(3)
+  pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
+  got = augment.resize(tf.constant(pixels, tf.float32), 112, 120).numpy()
+  expected = np.asarray(Image.fromarray(pixels).resize((120, 112), Image.BICUBIC), np.float32)
+  diff = np.abs(got - expected)
+  assert diff.max() <= 3 and diff.mean() < 0.3, (diff.max(), diff.mean())
+
+
 @pytest.mark.parametrize("shape", [(200, 300), (311, 257), (64, 64)])
 def test_resize_center_crop_equals_resizing_the_whole_image(shape):
   # Only the crop is resampled; the pixels are those of the whole resize, then cropped.

@@ -253,8 +253,12 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
     records = records.shuffle(buffer, seed=_int_seed(seed, epoch, index, 1),
                               reshuffle_each_iteration=True).repeat()
     records = records.take(math.ceil(per_epoch / repeats)).enumerate()
-    records = records.flat_map(lambda i, r: tf.data.Dataset.range(repeats).map(
-        lambda k: {**r, "pos": i * repeats + k, "epoch": tf.constant(epoch, tf.int64)}))
+    # Each record `repeats` times in a row (a map and unbatch: cheaper per record than a
+    # flat_map, which makes a dataset for each).
+    records = records.map(lambda i, r: {
+        **{k: tf.repeat(v[None], repeats, axis=0) for k, v in r.items()},
+        "pos": i * repeats + tf.range(repeats, dtype=tf.int64),
+        "epoch": tf.fill([repeats], tf.constant(epoch, tf.int64))}).unbatch()
     records = records.take(per_epoch).skip(skip_steps * local_batch)
     ds = records.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
