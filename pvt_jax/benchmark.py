@@ -625,9 +625,14 @@ def define_flags():
   flags.DEFINE_string("fashion_mnist_dir", "/usr/share/datasets/fashion-mnist",
                       "Fashion-MNIST idx files feeding the input-pipeline measurement.")
   flags.DEFINE_bool("quick", False, "Tiny settings for tests: b0, 32 px, batch 2, 2 repeats, "
-                    "no input pipeline.")
+                    "no input pipeline (with --pipeline: a 12-image folder at 64 px).")
   flags.DEFINE_bool("dense", False, "Instead: the Semantic FPN / RetinaNet parameter and GFLOPs "
                     "tables next to the paper's (pvt_jax/dense_report.py; --quick: B0, 64 px).")
+  flags.DEFINE_bool("pipeline", False, "Instead of the models, time the input pipelines against "
+                    "timm's DataLoader (pvt_jax/data/throughput.py): pipeline.md/.json.")
+  flags.DEFINE_string("folder", None, "--pipeline: an ImageFolder root (train/<class>/*.jpg); "
+                      "unset: ImageNet-sized JPEGs are made in output_dir.")
+  flags.DEFINE_integer("pipeline_images", 1000, "--pipeline: JPEGs made when --folder is unset.")
   flags.DEFINE_bool("remat_memory", False, "Also compile the train steps of B5 at 224 px and "
                     "B2 at 512 px with and without remat: memory and compile time (slow).")
   flags.DEFINE_string("output_dir", None, "Where results.json/.md go, and benchmark.png "
@@ -663,6 +668,17 @@ def main(argv):
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if FLAGS.dense:
     dense_report.run(FLAGS.output_dir, FLAGS.quick)
+    return
+  if FLAGS.pipeline:
+    import timm  # noqa: F401  (before TensorFlow, which pvt_jax.data loads: see throughput.py)
+
+    from pvt_jax.data import DatasetError, throughput
+    try:
+      throughput.run(throughput.settings(FLAGS.quick, FLAGS.folder, FLAGS.pipeline_images),
+                     FLAGS.output_dir, command)
+    except DatasetError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     return
   try:
     run(settings_from_flags(), FLAGS.output_dir, command)

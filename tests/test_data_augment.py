@@ -1,14 +1,17 @@
 """Statistical and reference tests of the augmentation ops (pvt_jax/data/augment.py,
-randaugment.py). PIL is the reference for RandAugment's pixel ops (timm applies them with PIL)."""
+randaugment.py, batch_augment.py). PIL is the reference for RandAugment's pixel ops (timm applies
+them with PIL), timm's own Mixup for the train step's mixup/cutmix."""
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from pvt_jax.data import augment, randaugment
+from pvt_jax.data import augment, batch_augment, randaugment
 from pvt_jax.data.errors import DatasetError
 
 
@@ -68,6 +71,34 @@ def test_resize_center_crop_matches_timm_eval_geometry():
   np.testing.assert_allclose(out[16, :, 0], expected, atol=3)
 
 
+@pytest.mark.parametrize("shape", [(40, 50), (150, 180), (300, 260), (100, 300)])
+def test_resize_matches_pil_bicubic(shape):
+  # Enlarging (plain bicubic), shrinking (antialiased) and mixed: PIL's bicubic, as timm's
+  # RandomResizedCrop resizes, up to rounding and the border taps.
+  rng = np.random.default_rng(shape[0])
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  pixels = 128 + 90 * np.sin(xx / 7.0)[..., None] * np.cos(yy / 5.0)[..., None] * np.ones(3)
+  pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
+  got = augment.resize(tf.constant(pixels, tf.float32), 112, 120).numpy()
+  expected = np.asarray(Image.fromarray(pixels).resize((120, 112), Image.BICUBIC), np.float32)
+  diff = np.abs(got - expected)
+  assert diff.max() <= 3 and diff.mean() < 0.3, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (311, 257), (64, 64)])
+def test_resize_center_crop_equals_resizing_the_whole_image(shape):
+  # Only the crop is resampled; the pixels are those of the whole resize, then cropped.
+  image = tf.random.stateless_uniform(shape + (3,), [4, 2], 0, 256, tf.int32)
+  image = tf.cast(image, tf.float32)
+  got = augment.resize_center_crop(image, 56, 0.875).numpy()
+  short = 64  # floor(56 / 0.875)
+  h, w = shape
+  new = (short, int(w * short / h)) if h <= w else (int(h * short / w), short)
+  whole = augment.resize(image, *new).numpy()
+  top, left = round((new[0] - 56) / 2), round((new[1] - 56) / 2)
+  np.testing.assert_array_equal(got, whole[top:top + 56, left:left + 56])
+
+
 def test_random_flip_probability_and_determinism():
   image = tf.reshape(tf.range(12, dtype=tf.float32), [2, 2, 3])
   flipped = sample(lambda s: augment.random_flip(image, s), 2000)
@@ -82,70 +113,6 @@ def test_normalize_uses_imagenet_mean_std():
   image = tf.fill([1, 1, 3], 255.0)
   expected = (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
   np.testing.assert_allclose(augment.normalize(image).numpy()[0, 0], expected, rtol=1e-6)
-
-
-def test_random_erasing_probability_area_and_noise():
-  height, width = 40, 50
-  image = tf.fill([height, width, 3], 7.0)  # a value the noise never produces exactly
-  out = sample(lambda s: augment.random_erasing(image, s, 0.25), 3000)
-  erased = out != 7.0
-  any_erased = erased.any(axis=(1, 2, 3))
-  assert 0.22 < any_erased.mean() < 0.28
-  fractions = erased[any_erased].all(axis=3).sum(axis=(1, 2)) / (height * width)
-  # One box of area ~ U(0.02, 1/3) (strictly inside, so the very largest are rejected).
-  assert fractions.min() >= 0.015 and fractions.max() <= 0.36
-  assert 0.12 < fractions.mean() < 0.2
-  # The box is filled per pixel and channel with N(0, 1) noise.
-  noise = out[erased]
-  assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
-  # Erased pixels form one rectangle.
-  first = np.argmax(any_erased)
-  rows, cols = np.nonzero(erased[first].all(axis=2))
-  box = erased[first, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-  assert box.all()
-
-
-def test_smooth_one_hot_values():
-  targets = augment.smooth_one_hot(tf.constant([3, 0]), 10, 0.1).numpy()
-  np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
-  assert np.isclose(targets[0, 3], 0.91) and np.isclose(targets[0, 0], 0.01)
-
-
-def _mix(seed, labels, **kwargs):
-  # Each image a distinct constant, so the mixing weight can be read back from pixels.
-  values = tf.cast(tf.range(len(labels)) * 10 + 10, tf.float32)
-  images = tf.broadcast_to(values[:, None, None, None], [len(labels), 16, 20, 3])
-  params = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5,
-            "smoothing": 0.0}
-  params.update(kwargs)
-  return augment.mixup_cutmix(images, tf.constant(labels), seed, 10, **params)
-
-
-def test_mixup_cutmix_labels_and_pixels_agree():
-  labels = [0, 1, 2, 3, 4, 5]
-  images, targets = sample(lambda s: _mix(s, labels), 400)
-  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
-  lam = targets[:, 0, 0]  # example 0 keeps lam of its own label (its partner is example 5)
-  np.testing.assert_allclose(targets[:, 0, 5], 1 - lam, atol=1e-6)
-  own, partner = 10.0, 60.0
-  is_cut = np.isin(images[:, 0], [own, partner]).all(axis=(1, 2, 3))
-  # Cutmix: lam equals the fraction of original pixels (box-corrected); mixup: a blend.
-  cut_fraction = (images[is_cut, 0] == own).mean(axis=(1, 2, 3))
-  np.testing.assert_allclose(lam[is_cut], cut_fraction, atol=1e-6)
-  blend = own * lam[~is_cut] + partner * (1 - lam[~is_cut])
-  np.testing.assert_allclose(images[~is_cut, 0, 0, 0, 0], blend, rtol=1e-5)
-  assert 0.4 < is_cut.mean() < 0.6  # switch probability 0.5
-  # Mixup lam ~ Beta(0.8, 0.8): mean 0.5, variance 1/(4 * 2.6) ~ 0.096.
-  assert abs(lam[~is_cut].mean() - 0.5) < 0.06
-  assert abs(lam[~is_cut].var() - 0.096) < 0.03
-
-
-def test_mixup_with_label_smoothing_and_off():
-  _, targets = sample(lambda s: _mix(s, [1, 2], smoothing=0.1), 50)
-  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
-  assert targets.min() >= 0.01 - 1e-6
-  images, targets = sample(lambda s: _mix(s, [1, 2], prob=0.0, smoothing=0.1), 5)
-  assert np.isclose(targets[:, 0, 1], 0.91).all() and (images[:, 0] == 10).all()
 
 
 def _pil(image: np.ndarray) -> Image.Image:
@@ -185,7 +152,8 @@ def test_pixel_ops_match_pil(photo, name, ours, reference):
   assert np.abs(got - expected).max() <= 1, name
 
 
-@pytest.mark.parametrize("op,level", [("rotate", 20.0), ("shear_x", 0.2), ("translate_y", 5.0)])
+@pytest.mark.parametrize("op,level", [("rotate", 20.0), ("shear_x", 0.2), ("translate_y", 5.3),
+                                      ("translate_x", -7.6), ("translate_x", 50.0)])
 def test_affine_ops_match_pil_bilinear(photo, op, level):
   ones, zero = tf.constant(1.0), tf.constant(0.0)
   fill = (124, 116, 104)
@@ -197,10 +165,11 @@ def test_affine_ops_match_pil_bilinear(photo, op, level):
                                                       zero))
     expected = _pil(photo).transform(photo.shape[1::-1], Image.AFFINE, (1, level, 0, 0, 1, 0),
                                      resample=Image.BILINEAR, fillcolor=fill)
-  else:
-    got = randaugment.pil_affine(tf.constant(photo), (ones, zero, zero, zero, ones,
-                                                      tf.constant(level)))
-    expected = _pil(photo).transform(photo.shape[1::-1], Image.AFFINE, (1, 0, 0, 0, 1, level),
+  else:  # translations: two shifted slices (the projective transform is kept for the rest)
+    axis = 0 if op == "translate_y" else 1
+    got = randaugment.translate(tf.constant(photo), tf.constant(level), axis=axis)
+    coefficients = (1, 0, 0, 0, 1, level) if axis == 0 else (1, 0, level, 0, 1, 0)
+    expected = _pil(photo).transform(photo.shape[1::-1], Image.AFFINE, coefficients,
                                      resample=Image.BILINEAR, fillcolor=fill)
   diff = np.abs(got.numpy() - np.asarray(expected, np.float32))
   # Interiors agree to rounding; pixels along the edge of the moved image differ in how the
@@ -245,3 +214,142 @@ def test_randaugment_forced_ops_follow_timm_levels(photo):
   inverted = randaugment.rand_augment(tf.constant(photo), tf.constant([1, 1]), spec,
                                       op_indices=[5])
   np.testing.assert_array_equal(inverted.numpy(), 255 - photo)
+
+
+# Batch-level augmentation in the train step (JAX).
+
+MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5}
+
+
+def test_batch_normalize_uses_imagenet_mean_std():
+  images = jnp.full((2, 1, 1, 3), 255, jnp.uint8)
+  expected = (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  np.testing.assert_allclose(batch_augment.normalize(images)[1, 0, 0], expected, rtol=1e-6)
+
+
+def test_random_erasing_probability_area_and_noise():
+  height, width = 40, 50
+  images = jnp.full((3000, height, width, 3), 7.0)  # a value the noise never produces exactly
+  out = np.asarray(jax.jit(batch_augment.random_erasing, static_argnums=2)(
+      jax.random.key(0), images, 0.25))
+  erased = out != 7.0
+  any_erased = erased.any(axis=(1, 2, 3))
+  assert 0.22 < any_erased.mean() < 0.28
+  fractions = erased[any_erased].all(axis=3).sum(axis=(1, 2)) / (height * width)
+  # One box of area ~ U(0.02, 1/3) (strictly inside, so the very largest are rejected).
+  assert fractions.min() >= 0.015 and fractions.max() <= 0.36
+  assert 0.12 < fractions.mean() < 0.2
+  # The box is filled per pixel and channel with N(0, 1) noise.
+  noise = out[erased]
+  assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
+  # Erased pixels form one rectangle, anywhere in the image (corners included).
+  first = np.argmax(any_erased)
+  rows, cols = np.nonzero(erased[first].all(axis=2))
+  assert erased[first, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+  boxes = erased[any_erased].all(axis=3)
+  assert boxes[:, 0].any() and boxes[:, -1].any() and boxes[:, :, 0].any()
+  assert boxes[:, :, -1].any()
+
+
+def _targets(mixed, num_classes):
+  """The [B, K] soft targets that mixup_cutmix's label fields stand for."""
+  one_hot = jax.nn.one_hot(mixed["label"], num_classes)
+  return (mixed["label_uniform"][:, None] / num_classes
+          + jnp.sum(mixed["label_weight"][..., None] * one_hot, axis=1))
+
+
+def _constant_batch(batch_size):
+  # Each image a distinct constant, so the mixing weight can be read back from pixels.
+  values = jnp.arange(batch_size, dtype=jnp.float32) * 10 + 10
+  return jnp.broadcast_to(values[:, None, None, None], (batch_size, 16, 20, 3))
+
+
+def test_mixup_cutmix_labels_and_pixels_agree():
+  labels = jnp.arange(6)
+  mix = jax.jit(jax.vmap(lambda k: batch_augment.mixup_cutmix(
+      k, _constant_batch(6), labels, smoothing=0.0, **MIX)))
+  mixed = mix(jax.random.split(jax.random.key(1), 400))
+  targets = np.asarray(jax.vmap(lambda m: _targets(m, 10))(mixed))
+  images = np.asarray(mixed["image"])
+  np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
+  lam = targets[:, 0, 0]  # example 0 keeps lam of its own label (its partner is example 5)
+  np.testing.assert_allclose(targets[:, 0, 5], 1 - lam, atol=1e-6)
+  own, partner = 10.0, 60.0
+  is_cut = np.isin(images[:, 0], [own, partner]).all(axis=(1, 2, 3))
+  # Cutmix: lam equals the fraction of original pixels (box-corrected); mixup: a blend.
+  cut_fraction = (images[is_cut, 0] == own).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(lam[is_cut], cut_fraction, atol=1e-6)
+  blend = own * lam[~is_cut] + partner * (1 - lam[~is_cut])
+  np.testing.assert_allclose(images[~is_cut, 0, 0, 0, 0], blend, rtol=1e-5)
+  assert 0.4 < is_cut.mean() < 0.6  # switch probability 0.5
+  # Mixup lam ~ Beta(0.8, 0.8): mean 0.5, variance 1/(4 * 2.6) ~ 0.096.
+  assert abs(lam[~is_cut].mean() - 0.5) < 0.06
+  assert abs(lam[~is_cut].var() - 0.096) < 0.03
+
+
+def test_mixup_off_leaves_images_and_smooths_labels():
+  images = _constant_batch(2)
+  mixed = batch_augment.mixup_cutmix(jax.random.key(0), images, jnp.array([1, 2]),
+                                     **{**MIX, "prob": 0.0}, smoothing=0.1)
+  np.testing.assert_array_equal(mixed["image"], images)
+  targets = np.asarray(_targets(mixed, 10))
+  assert np.isclose(targets[0, 1], 0.91) and np.isclose(targets[0, 0], 0.01)
+
+
+class _Draws:
+  """Stands in for numpy's global random functions that timm's Mixup calls, returning the
+  draws of our `mixup_params` in the order timm makes them."""
+
+  def __init__(self, params, prob, switch_prob):
+    self.rands = [0.0 if params["apply"] else 1.0,
+                  switch_prob / 2 if params["use_cutmix"] else (1 + switch_prob) / 2]
+    self.rands[0] *= prob
+    self.lam = float(params["lam"])
+    self.ints = [int(params["center_y"]), int(params["center_x"])]
+
+  def rand(self):
+    return self.rands.pop(0)
+
+  def beta(self, a, b):
+    del a, b
+    return self.lam
+
+  def randint(self, low, high, size=None):
+    value = self.ints.pop(0)
+    assert low <= value < high and size is None
+    return value
+
+
+@pytest.mark.torch
+def test_mixup_equals_timm_mixup_for_a_fixed_key(monkeypatch):
+  import timm.data.mixup
+  import timm.loss
+  import torch
+  batch, height, width, num_classes = 6, 12, 18, 5
+  modes = set()
+  for seed in range(8):
+    key = jax.random.key(seed)
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, height, width, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, batch)
+    ours = batch_augment.mixup_cutmix(key, jnp.asarray(images), jnp.asarray(labels),
+                                      smoothing=0.1, **MIX)
+    params = batch_augment.mixup_params(key, height, width, **MIX)
+    modes.add(bool(params["use_cutmix"]))
+    draws = _Draws(params, MIX["prob"], MIX["switch_prob"])
+    for name in ("rand", "beta", "randint"):
+      monkeypatch.setattr(timm.data.mixup.np.random, name, getattr(draws, name))
+    mixup = timm.data.mixup.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
+                                  mode="batch", label_smoothing=0.1, num_classes=num_classes)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    x, target = mixup(x, torch.from_numpy(labels))
+    np.testing.assert_allclose(np.asarray(ours["image"]), x.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_targets(ours, num_classes)), target.numpy(),
+                               atol=1e-6)
+    # The loss on the implicit targets equals timm's SoftTargetCrossEntropy on its targets.
+    logits = rng.normal(size=(batch, num_classes)).astype(np.float32)
+    theirs = timm.loss.SoftTargetCrossEntropy()(torch.from_numpy(logits), target)
+    loss = batch_augment.soft_target_cross_entropy(jnp.asarray(logits), ours).mean()
+    assert float(loss) == pytest.approx(float(theirs), rel=1e-5)
+  assert modes == {False, True}  # both cutmix and mixup batches were compared

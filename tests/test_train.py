@@ -20,6 +20,7 @@ import pytest
 from configs import b0
 from pvt_jax import data, tasks
 from pvt_jax.checkpoints import load_converted, save_converted
+from pvt_jax.data import batch_augment
 from pvt_jax.models import create_model
 from pvt_jax.train import checkpointing, loop, metrics, optimizer, sharding, steps, workdir
 
@@ -279,7 +280,9 @@ def test_evaluation_counts_every_example_once(straight_run):
   labels = np.concatenate([b["label"][b["mask"]] for b in batches])
   assert len(labels) == 50
   model = create_model("b0", num_classes=10)
-  logits = np.asarray(jax.jit(model.apply)({"params": params}, images), np.float64)
+  # The eval batches hold uint8 pixels; the eval step normalises them.
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, batch_augment.normalize(images)),
+                      np.float64)
   top5 = np.argsort(-logits, axis=1)[:, :5]
   assert result["eval"]["count"] == 50
   assert result["eval"]["top1"] == pytest.approx(np.mean(top5[:, 0] == labels))

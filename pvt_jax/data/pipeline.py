@@ -5,8 +5,9 @@ epoch's global stream), and all tf.data stages run in deterministic order. Each 
 order comes from a shuffle seeded by (seed, epoch) alone, the same on every process, and step s
 is positions [s * B, (s + 1) * B) of it (B the global batch), each process decoding its slice:
 the global batch of step s is the same examples, augmented the same way, however many processes
-share it. Resuming at step N starts the epoch N // steps_per_epoch and skips the first positions
-of it *before* decoding: skipping costs reading records, never decoding or augmenting them.
+share it (the batch-level augmentation runs on the global batch in the train step). Resuming at
+step N starts the epoch N // steps_per_epoch and skips the first positions of it *before*
+decoding: skipping costs reading records, never decoding or augmenting them.
 """
 
 import dataclasses
@@ -25,6 +26,10 @@ from pvt_jax.data.errors import DatasetError, tf_reason
 from pvt_jax.data.sources import IMAGE_MAGIC, Source, open_source
 
 _CORRUPT = "corrupt image file"
+# A tf.data pipeline runs whole epochs, enough for this many steps, but at most this many epochs
+# (each epoch adds its record datasets to the pipeline's graph).
+_PIPELINE_STEPS = 500
+_PIPELINE_EPOCHS = 16
 # Bound at import: the except clause below can run at interpreter exit, when `tf` may be gone.
 _DecodeError = tf.errors.InvalidArgumentError
 
@@ -103,8 +108,7 @@ def _decode(record, source: Source, crop_box=None):
     if image.shape[-1] == 1:
       image = tf.image.grayscale_to_rgb(image)
     return tf.cast(_crop(image, crop_box), tf.float32)
-  known = tf.reduce_any([tf.equal(tf.strings.substr(image, 0, len(m)), m)
-                         for m in IMAGE_MAGIC])
+  known = tf.reduce_any([tf.equal(tf.strings.substr(image, 0, len(m)), m) for m in IMAGE_MAGIC])
   check = tf.debugging.Assert(known, [_CORRUPT, record["name"]])
   with tf.control_dependencies([check]):
     encoded = tf.identity(image)
@@ -136,6 +140,24 @@ def _crop(image, crop_box):
 def _aug(config, name, default):
   aug = config.get("aug", None)
   return aug.get(name, default) if aug is not None else default
+
+
+def _options() -> tf.data.Options:
+  """tf.data options of the train and eval pipelines, each chosen for a reason."""
+  options = tf.data.Options()
+  # Outputs in input order: the stream is a function of (seed, epoch, position) only, which
+  # exact resume needs; the parallel map still runs out of order internally.
+  options.deterministic = True
+  # Parallelism comes from images in flight (the parallel map's degree, autotuned, the default):
+  # one thread per op inside an image avoids oversubscribing the cores with both.
+  options.threading.max_intra_op_parallelism = 1
+  # The static rewrites (map/batch fusion, injected prefetches, ...) run again for every
+  # epoch's pipeline and cost ~0.35 s of CPU each time here, for nothing: the pipelines are
+  # written in their rewritten form already (parallel map, batch, prefetch).
+  options.experimental_optimization.apply_default_optimizations = False
+  # No private thread pool: this process runs no other TensorFlow work, so TF's shared
+  # inter-op pool is tf.data's alone and already sized to the cores.
+  return options
 
 
 def _int_seed(*parts: int) -> int:
@@ -179,7 +201,10 @@ def _undecodable(records: tf.data.Dataset) -> str | None:
 
 
 def _train_example_fn(config, source: Source, base_seed):
-  """(epoch, record with 'pos') -> {'image' normalised [S, S, 3], 'label', 'pos'}."""
+  """record with 'epoch' and 'pos' -> {'image' uint8 [S, S, 3], 'label'}: the per-image part of
+  the recipe (crop, flip, RandAugment); the batch-level rest runs in the train step
+  (pvt_jax/data/batch_augment.py). A tf.function, traced once: every epoch's pipeline calls the
+  same graph (tracing RandAugment's 15 branches anew took seconds per epoch)."""
   size = config.get("image_size", 224)
   crop_pct = config.get("crop_pct", 0.875)
   rrc = _aug(config, "random_resized_crop", True)
@@ -188,12 +213,12 @@ def _train_example_fn(config, source: Source, base_seed):
   hflip = _aug(config, "hflip", True)
   ra_name = _aug(config, "randaugment", "rand-m9-mstd0.5-inc1")
   ra_spec = randaugment.parse(ra_name) if ra_name else None
-  erasing = _aug(config, "random_erasing", 0.25)
 
-  def fn(epoch, record):
-    seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
+  @tf.function
+  def fn(record):
+    seed = tf.random.experimental.stateless_fold_in(base_seed, record["epoch"])
     seed = tf.random.experimental.stateless_fold_in(seed, record["pos"])
-    s_crop, s_flip, s_ra, s_erase = augment.split_seed(seed, 4)
+    s_crop, s_flip, s_ra = augment.split_seed(seed, 3)
     if rrc:
       image = _decode(record, source, functools.partial(
           augment.random_resized_crop_box, s_crop, scale=scale, ratio=ratio))
@@ -204,68 +229,8 @@ def _train_example_fn(config, source: Source, base_seed):
       image = augment.random_flip(image, s_flip)
     if ra_spec is not None:
       image = randaugment.rand_augment(image, s_ra, ra_spec)
-    image = augment.normalize(image)
-    if erasing > 0:
-      image = augment.random_erasing(image, s_erase, erasing)
-    return {"image": tf.ensure_shape(image, [size, size, 3]), "label": record["label"],
-            "pos": record["pos"]}
-
-  return fn
-
-
-def _mixup_kwargs(config) -> dict:
-  return {"mixup_alpha": _aug(config, "mixup_alpha", 0.8),
-          "cutmix_alpha": _aug(config, "cutmix_alpha", 1.0),
-          "prob": _aug(config, "mixup_prob", 1.0),
-          "switch_prob": _aug(config, "mixup_switch_prob", 0.5),
-          "smoothing": _aug(config, "label_smoothing", 0.1)}
-
-
-def _mixup_group(config, global_batch: int, local_batch: int) -> int:
-  """Examples mixed together (one lam, each paired with its mirror in the group): timm mixes
-  each GPU's batch, 128 examples in the official 8 x 128 recipe (config.aug.mixup_batch); without
-  mixup, one group per process."""
-  kwargs = _mixup_kwargs(config)
-  if (kwargs["mixup_alpha"] <= 0 and kwargs["cutmix_alpha"] <= 0) or kwargs["prob"] <= 0:
-    return local_batch
-  group = min(int(_aug(config, "mixup_batch", 128)), global_batch)
-  if group <= 0 or global_batch % group:
-    raise DatasetError(f"aug.mixup_batch={group} must be a positive divisor of batch_size="
-                       f"{global_batch}")
-  return group
-
-
-def _window(global_batch: int, local_batch: int, index: int, group: int) -> tuple[int, int]:
-  """Rows [lo, hi) of each global batch that process `index` decodes: its own rows
-  [index * local, (index + 1) * local), widened to whole mixup groups (groups that straddle two
-  processes are decoded by both, so that each can mix its rows as one process would)."""
-  lo = index * local_batch // group * group
-  hi = -(-(index + 1) * local_batch // group) * group
-  return lo, hi
-
-
-def _batch_fn(config, num_classes: int, global_batch: int, group: int, window, own: int,
-              local_batch: int, base_seed):
-  """(epoch, rows `window` of a global batch) -> this process's rows {'image', 'label' soft
-  targets}: mixup/cutmix per group of `group` global rows, seeded by the group's global index,
-  and label smoothing."""
-  kwargs = _mixup_kwargs(config)
-  lo, hi = window
-
-  def fn(epoch, batch):
-    step = batch["pos"][0] // global_batch
-    images, labels = [], []
-    for first in range(lo, hi, group):
-      seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
-      seed = tf.random.experimental.stateless_fold_in(
-          seed, step * (global_batch // group) + first // group)
-      rows = slice(first - lo, first - lo + group)
-      mixed, targets = augment.mixup_cutmix(batch["image"][rows], batch["label"][rows], seed,
-                                            num_classes, **kwargs)
-      images.append(mixed)
-      labels.append(targets)
-    mine = slice(own - lo, own - lo + local_batch)
-    return {"image": tf.concat(images, 0)[mine], "label": tf.concat(labels, 0)[mine]}
+    return {"image": tf.ensure_shape(tf.cast(image, tf.uint8), [size, size, 3]),
+            "label": record["label"]}
 
   return fn
 
@@ -273,30 +238,29 @@ def _batch_fn(config, num_classes: int, global_batch: int, group: int, window, o
 def train_iterator(config, start_step: int = 0, *, process_index: int | None = None,
                    process_count: int | None = None):
   """Infinite iterator of this process's batches, identical from step `start_step` on to the
-  stream of an uninterrupted run: {'image' float32 [B, S, S, 3], 'label' float32 [B, K]}.
+  stream of an uninterrupted run: {'image' uint8 [B, S, S, 3], 'label' int32 [B]} (the
+  classification task's train step normalises, erases and mixes them).
 
   Process i of P yields rows [i * B, (i + 1) * B) of each global batch (B = batch_size / P),
   the rows its devices hold in the global array (sharding.global_batch). Every process reads the
-  whole split in the same order and decodes only its rows (and those of a mixup group it shares
-  with a neighbour). Epochs have num_train_examples // batch_size steps. With repeated
-  augmentation x R, an epoch takes 1 / R of its (shuffled) records and shows each R times,
-  at consecutive positions and with different augmentations (DeiT's RASampler puts the R copies
-  into the same global batch too); the epoch length is unchanged.
+  whole split in the same order and decodes only its rows. Epochs have
+  num_train_examples // batch_size steps. With repeated augmentation x R, an epoch takes 1 / R of
+  its (shuffled) records and shows each R times, at consecutive positions and with different
+  augmentations (DeiT's RASampler puts the R copies into the same global batch too); the epoch
+  length is unchanged.
   """
   index, count = _process(process_index, process_count)
   source = _source(config)
   train_split, _ = _splits(config, source)
   global_batch = config.get("batch_size", 1024)
   local_batch = _local_batch(global_batch, count, "batch_size")
-  num_classes = config.get("num_classes", 0) or source.num_classes
   num_examples = source.num_examples(train_split)
   steps_per_epoch = max(num_examples // global_batch, 1)
   per_epoch = steps_per_epoch * global_batch
+  lo, hi = index * local_batch, (index + 1) * local_batch  # this process's rows of a batch
   repeats = max(int(_aug(config, "repeated_aug", 3)), 1)
   seed = config.get("seed", 0)
   cache = config.get("cache", False)
-  group = _mixup_group(config, global_batch, local_batch)
-  lo, hi = _window(global_batch, local_batch, index, group)
   shard = source.read(train_split)
   shard_size = int(shard.cardinality())
   if shard_size <= 0:
@@ -313,10 +277,7 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
             else min(config.get("shuffle_buffer", 50_000), shard_size))
   # Seeds and shuffles take no process index: they are those of process 0 of 1.
   example_fn = _train_example_fn(config, source, tf.constant([seed, 0], tf.int64))
-  batch_fn = _batch_fn(config, num_classes, global_batch, group, (lo, hi), index * local_batch,
-                       local_batch, tf.constant([seed, 1 << 20], tf.int64))
-  options = tf.data.Options()
-  options.deterministic = True
+  options = _options()
   first_epoch, skip = divmod(start_step, steps_per_epoch)
 
   def epoch_records(epoch: int, skip_steps: int):
@@ -325,27 +286,42 @@ def train_iterator(config, start_step: int = 0, *, process_index: int | None = N
     records = records.shuffle(buffer, seed=_int_seed(seed, epoch, 0, 1),
                               reshuffle_each_iteration=True).repeat()
     records = records.take(math.ceil(per_epoch / repeats)).enumerate()
-    records = records.flat_map(lambda i, r: tf.data.Dataset.range(repeats).map(
-        lambda k: {**r, "pos": i * repeats + k}))
+    # Each record `repeats` times in a row (a map and unbatch: cheaper per record than a
+    # flat_map, which makes a dataset for each).
+    records = records.map(lambda i, r: {
+        **{k: tf.repeat(v[None], repeats, axis=0) for k, v in r.items()},
+        "pos": i * repeats + tf.range(repeats, dtype=tf.int64),
+        "epoch": tf.fill([repeats], tf.constant(epoch, tf.int64))}).unbatch()
     records = records.take(per_epoch).skip(skip_steps * global_batch)
     return records.filter(lambda r: (r["pos"] % global_batch >= lo)
                           & (r["pos"] % global_batch < hi))
 
-  def epoch_batches(epoch: int, records):
-    ds = records.map(functools.partial(example_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(hi - lo, drop_remainder=True)
-    ds = ds.map(functools.partial(batch_fn, epoch), num_parallel_calls=tf.data.AUTOTUNE)
+  def pipeline_records(epochs: range, skip_steps: int):
+    # Epochs hold whole batches, so one pipeline can run several: its start-up (instantiating
+    # the per-image graph, filling the buffers: ~0.6 s of CPU) then comes once per
+    # _PIPELINE_STEPS steps (or _PIPELINE_EPOCHS epochs), not once per epoch of a small dataset.
+    records = epoch_records(epochs[0], skip_steps)
+    for epoch in epochs[1:]:
+      records = records.concatenate(epoch_records(epoch, 0))
+    return records
+
+  def batches(records):
+    ds = records.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
-  for epoch in itertools.count(first_epoch):
-    records = epoch_records(epoch, skip if epoch == first_epoch else 0)
-    yield from _numpy_batches(epoch_batches(epoch, records), f"{source.name} {train_split}",
-                              lambda b, records=records: records.skip(b * (hi - lo)).take(hi - lo))
+  epochs_per_pipeline = min(math.ceil(_PIPELINE_STEPS / steps_per_epoch), _PIPELINE_EPOCHS)
+  for epoch in itertools.count(first_epoch, epochs_per_pipeline):
+    records = pipeline_records(range(epoch, epoch + epochs_per_pipeline),
+                               skip if epoch == first_epoch else 0)
+    yield from _numpy_batches(
+        batches(records), f"{source.name} {train_split}",
+        lambda b, records=records: records.skip(b * local_batch).take(local_batch))
 
 
 def eval_iterator(config, *, process_index: int | None = None,
                   process_count: int | None = None):
-  """This process's eval batches {'image', 'label' int32, 'mask' bool}, padded to whole global
+  """This process's eval batches {'image' uint8, 'label' int32, 'mask' bool}, padded to whole global
   batches: every process yields ceil(ceil(N / P) / local_batch) batches and each of the N
   examples has mask True on exactly one process."""
   index, count = _process(process_index, process_count)
@@ -362,17 +338,15 @@ def eval_iterator(config, *, process_index: int | None = None,
 
   def prepare(record):
     image = augment.resize_center_crop(_decode(record, source), size, crop_pct)
-    return {"image": augment.normalize(image), "label": record["label"],
+    return {"image": tf.cast(image, tf.uint8), "label": record["label"],
             "mask": tf.constant(True)}
 
   ds = shard.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  pad = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32),
+  pad = {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
          "mask": tf.constant(False)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  return _numpy_batches(ds.with_options(options), f"{source.name} {eval_split}",
+  return _numpy_batches(ds.with_options(_options()), f"{source.name} {eval_split}",
                         lambda b: shard.skip(b * local_batch).take(local_batch))
 
 

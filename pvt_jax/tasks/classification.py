@@ -1,8 +1,9 @@
 """Image classification: PVT v2 with its linear head, soft-target cross-entropy, exact top-1/top-5.
 
-Data come from pvt_jax/data (tf.data over tfds, image folders, the offline Fashion-MNIST); the
-train batches carry soft labels [B, K] (label smoothing, mixup/cutmix), the eval batches integer
-labels and a mask. Checkpoints are ranked by top-1.
+Data come from pvt_jax/data (tf.data over tfds, image folders, the offline Fashion-MNIST) as
+uint8 images with integer labels (eval batches also a mask); normalisation, random erasing and
+mixup/cutmix with label smoothing run in the jitted train step (`augment_batch`,
+pvt_jax/data/batch_augment.py). Checkpoints are ranked by top-1.
 """
 
 import os
@@ -14,7 +15,7 @@ import numpy as np
 from pvt_jax import data
 from pvt_jax.checkpoints import load_converted, replace_head
 from pvt_jax.configs import classification as classification_configs
-from pvt_jax.data import sources
+from pvt_jax.data import batch_augment, sources
 from pvt_jax.tasks import base
 from pvt_jax.train import loop, sharding
 from pvt_jax.train.errors import ConfigError
@@ -65,6 +66,10 @@ class ClassificationTask(base.Task):
       raise ConfigError(f"aug.label_smoothing={config.aug.label_smoothing} must be in [0, 1)")
     if config.aug.repeated_aug < 1:
       raise ConfigError(f"aug.repeated_aug={config.aug.repeated_aug} must be at least 1")
+    group = config.aug.mixup_batch
+    if group <= 0 or (group < config.batch_size and config.batch_size % group):
+      raise ConfigError(f"aug.mixup_batch={group} must be a positive divisor of batch_size="
+                        f"{config.batch_size} (or at least it)")
 
   def dataset_info(self, config) -> base.DatasetInfo:
     info = data.dataset_info(config)
@@ -115,12 +120,24 @@ class ClassificationTask(base.Task):
   def eval_iterator(self, config):
     return data.eval_iterator(config)
 
+  def augment_batch(self, config, batch: dict, rng) -> dict:
+    """Normalisation, random erasing, then mixup/cutmix and label smoothing (timm's order)."""
+    aug = config.aug
+    k_erase, k_mix = jax.random.split(rng)
+    images = batch_augment.normalize(batch["image"])
+    if aug.random_erasing > 0:
+      images = batch_augment.random_erasing(k_erase, images, aug.random_erasing)
+    return batch_augment.mixup_cutmix(
+        k_mix, images, batch["label"], mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
+        prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, smoothing=aug.label_smoothing,
+        group=min(aug.mixup_batch, config.batch_size))
+
   def loss(self, model, variables: dict, batch: dict, rng) -> tuple:
     logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng})
-    return soft_cross_entropy(logits, batch["label"]).mean(), {}, {}
+    return batch_augment.soft_target_cross_entropy(logits, batch).mean(), {}, {}
 
   def eval_outputs(self, model, variables: dict, batch: dict) -> dict:
-    logits = model.apply(variables, batch["image"]).astype(jnp.float32)
+    logits = model.apply(variables, batch_augment.normalize(batch["image"])).astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"]
     k = min(5, logits.shape[-1])
     top_k = jax.lax.top_k(logits, k)[1]
