@@ -15,6 +15,7 @@ from PIL import Image
 from pvt_jax import data
 from pvt_jax.checkpoints import save_converted
 from pvt_jax.configs import classification
+from pvt_jax.data import batch_augment
 from pvt_jax.models import create_model
 from pvt_jax.predict import Classifier
 from pvt_jax.train import checkpointing, workdir
@@ -100,7 +101,8 @@ def test_images_see_the_eval_pipelines_transform(folder, trained, tfds_data_dir)
   config = workdir.load_run_config(path)
   config.dataset, config.data_dir, config.eval_batch_size = f"folder:{folder}", tfds_data_dir, 4
   batches = list(data.eval_iterator(config))
-  pipeline = np.concatenate([b["image"][b["mask"]] for b in batches])
+  pipeline = np.asarray(batch_augment.normalize(  # the eval step normalises the uint8 batches
+      np.concatenate([b["image"][b["mask"]] for b in batches])))
   ours = [classifier.preprocess(str(p)) for p in sorted(folder.glob("val/*/*"))]
   assert len(ours) == len(pipeline) == 4 and ours[0].shape == (32, 32, 3)
   for image in ours:  # the pipeline's order is its own
