@@ -9,13 +9,13 @@ import sys
 import pytest
 
 from pvt_jax import dense_report
-from pvt_jax.models import VARIANTS
+from pvt_jax.models import V2_VARIANTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(V2_VARIANTS))
 def test_parameters_match_tables_3_and_5(variant):
   segmentation = dense_report.semantic_fpn_row(variant, gflops=False)
   detection = dense_report.retinanet_row(variant, gflops=False)

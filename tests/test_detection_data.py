@@ -32,13 +32,15 @@ def fashion_config(tiny_fashion_mnist):
 
 def test_synthetic_boxes_are_the_items_foreground(fashion_config):
   split = data.open_split(fashion_config, "train")
+  s = fashion_config.synthetic
   again = synthetic.open_synthetic_split(fashion_config.fashion_mnist_dir, "train",
-                                         synthetic.SyntheticSettings(num_train=40, num_val=12))
+                                         synthetic.SyntheticSettings(
+                                             s.image_size, 40, 12, s.max_items, tuple(s.item_size)))
   assert len(split) == 40 and split.num_classes == 10
   for k in range(len(split)):
     np.testing.assert_array_equal(split.boxes[k], again.boxes[k])  # deterministic
     image = np.asarray(split.reader.read(tf.constant(k, tf.int64)))[..., 0]
-    assert image.shape == (128, 128)
+    assert image.shape == (s.image_size, s.image_size)
     inside = np.zeros_like(image, bool)
     for x1, y1, x2, y2 in split.boxes[k].astype(int):
       inside[y1:y2, x1:x2] = True
@@ -71,7 +73,8 @@ def test_coco_layout_round_trip_and_bad_input(fashion_config, tmp_path, caplog):
            {"bbox": [500, 500, 10, 10], "category_id": 1, "area": 100},  # outside the image
            {"bbox": [2, 2, 10, 10], "category_id": 99, "area": 100},     # unknown category
            {"bbox": [2, 2, 10, 10], "category_id": 2, "area": 100, "iscrowd": 1},
-           {"bbox": [120, 120, 20, 20], "category_id": 3, "area": 400}]  # partly outside: kept
+           {"bbox": [image["width"] - 8, image["height"] - 8, 20, 20], "category_id": 3,
+            "area": 400}]  # partly outside: kept
   for n, ann in enumerate(extra):
     truth["annotations"].append({"id": 10_000 + n, "image_id": image["id"], **ann})
   with open(path, "w") as f:
@@ -79,7 +82,8 @@ def test_coco_layout_round_trip_and_bad_input(fashion_config, tmp_path, caplog):
   with caplog.at_level("WARNING"):
     dirty = coco.open_coco_split(root, "val2017")
   assert len(dirty.boxes[0]) == len(val.boxes[0]) + 1
-  np.testing.assert_allclose(dirty.boxes[0][-1], [120, 120, 140, 140])
+  w, h = image["width"], image["height"]
+  np.testing.assert_allclose(dirty.boxes[0][-1], [w - 8, h - 8, w + 12, h + 12])
   message = caplog.text
   assert "1 crowd boxes" in message and "1 outside the image" in message
   assert "1 unknown category" in message and "1 narrower or shorter than 1 px" in message

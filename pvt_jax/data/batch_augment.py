@@ -100,14 +100,15 @@ def mixup_cutmix(key, images, labels, *, mixup_alpha: float, cutmix_alpha: float
                  switch_prob: float, smoothing: float, group: int = 0) -> dict:
   """timm Mixup(mode='batch', correct_lam=True) + label smoothing on a normalised batch.
 
-  One draw per group of `group` consecutive examples (0: the whole batch), as timm draws once
-  per GPU's batch (128 in the official 8 x 128 recipe): with `prob`, cutmix (with `switch_prob`
-  when both are on) pastes the flipped group's box, or mixup blends with the flipped group; lam
-  weighs the labels (cutmix's corrected by the clipped box). Returns {'image', 'label' [B, 2],
-  'label_weight' [B, 2], 'label_uniform' [B]} (the targets of the module docstring).
+  One draw per group of `group` consecutive examples (0, or at least the batch: one group), as
+  timm draws once per GPU's batch (128 in the official 8 x 128 recipe): with `prob`, cutmix (with
+  `switch_prob` when both are on) pastes the flipped group's box, or mixup blends with the
+  flipped group; lam weighs the labels (cutmix's corrected by the clipped box). Returns
+  {'image', 'label' [B, 2], 'label_weight' [B, 2], 'label_uniform' [B]} (the targets of the
+  module docstring).
   """
   batch = images.shape[0]
-  if group and group != batch:
+  if 0 < group < batch:
     if batch % group:
       raise ValueError(f"a batch of {batch} is not whole groups of {group}")
     keys = jax.random.split(key, batch // group)

@@ -130,7 +130,7 @@ class ClassificationTask(base.Task):
     return batch_augment.mixup_cutmix(
         k_mix, images, batch["label"], mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
         prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob, smoothing=aug.label_smoothing,
-        group=min(aug.mixup_batch, config.batch_size))
+        group=aug.mixup_batch)
 
   def loss(self, model, variables: dict, batch: dict, rng) -> tuple:
     logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng})

@@ -27,9 +27,10 @@ import numpy as np
 import tensorflow as tf
 
 from pvt_jax.data.errors import DatasetError
-from pvt_jax.data.pipeline import _MAGIC, _local_batch, _process  # shared with classification
+from pvt_jax.data.pipeline import _local_batch, _process  # shared with classification
 from pvt_jax.data.segmentation import transforms
 from pvt_jax.data.segmentation.sources import SegmentationSource, open_source
+from pvt_jax.data.sources import IMAGE_MAGIC
 
 _CORRUPT = "corrupt image file"
 _MISMATCH = "label size differs from its image"
@@ -67,7 +68,7 @@ def _decode(record, source: SegmentationSource):
   image, label = record["image"], record["label"]
   if source.encoded:
     checks = [tf.debugging.Assert(tf.reduce_any([tf.strings.substr(data, 0, len(m)) == m
-                                                 for m in _MAGIC]), [_CORRUPT, record["name"]])
+                                                 for m in IMAGE_MAGIC]), [_CORRUPT, record["name"]])
               for data in (image, label)]
     with tf.control_dependencies(checks):
       image = tf.io.decode_image(image, channels=3, expand_animations=False)
