@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from test_train import REPO, enable_compile_cache, relative_error, restore_params, subprocess_env
-from test_train_parallel import start_parallel_runs
+from test_train_parallel import run_beside, start_parallel_runs
 
 from configs import retinanet
 from pvt_jax.tasks import detection as detection_task
@@ -68,15 +68,12 @@ def runs(tiny_fashion_mnist, compile_cache, tmp_path_factory):
   command = [sys.executable, "-m", "pvt_jax.main", "--config=configs/retinanet.py:runlocal",
              *config_flags(tiny_fashion_mnist)]
   procs = start_parallel_runs(command, root, compile_cache)
-  try:
+
+  def one_device():
     assert jax.device_count() == 1
-    result = loop.train_and_evaluate(tiny_config(tiny_fashion_mnist), str(root / "one_device"))
-    outputs = {name: proc.communicate(timeout=900) for name, proc in procs.items()}
-  finally:
-    for proc in procs.values():
-      proc.kill()
-  for name, proc in procs.items():
-    assert proc.returncode == 0, f"{name}: {outputs[name][1][-3000:]}"
+    return loop.train_and_evaluate(tiny_config(tiny_fashion_mnist), str(root / "one_device"))
+
+  result, outputs = run_beside(procs, one_device, timeout=900)
   return root, result, outputs
 
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from test_train import REPO, config_flags, enable_compile_cache, relative_error, subprocess_env
-from test_train_parallel import free_port
+from test_train_parallel import free_port, run_beside
 from test_train_tasks import final_state as restore  # a workdir's state, host arrays
 
 from configs import sem_fpn
@@ -71,6 +71,7 @@ def runs(tiny_fashion_mnist, tmp_path_factory, compile_cache):
   root = tmp_path_factory.mktemp("seg_runs")
   flags = [f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(WHOLE_BATCH)]
   env = subprocess_env(cache)
+  config = seg_config(tiny_fashion_mnist, WHOLE_BATCH)
   procs = {
       "two_devices": subprocess.Popen(
           [sys.executable, "-m", "pvt_jax.main", "--config=configs/sem_fpn.py:runlocal",
@@ -83,15 +84,8 @@ def runs(tiny_fashion_mnist, tmp_path_factory, compile_cache):
           env={**env, "PORT": str(free_port())}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           text=True),
   }
-  try:
-    config = seg_config(tiny_fashion_mnist, WHOLE_BATCH)
-    loop.train_and_evaluate(config, str(root / "one_device"))
-    outputs = {name: proc.communicate(timeout=900) for name, proc in procs.items()}
-  finally:
-    for proc in procs.values():
-      proc.kill()
-  for name, proc in procs.items():
-    assert proc.returncode == 0, f"{name}: {outputs[name][1][-3000:]}"
+  _, outputs = run_beside(
+      procs, lambda: loop.train_and_evaluate(config, str(root / "one_device")), timeout=900)
   return {"config": config, "root": root, "cache": cache,
           "stdout": {name: out for name, (out, _) in outputs.items()}}
 

@@ -57,21 +57,33 @@ def start_parallel_runs(command, root, compile_cache) -> dict:
           for name, (argv, devices) in launches.items()}
 
 
-def test_one_device_two_devices_and_two_processes_agree(tiny_fashion_mnist, compile_cache,
-                                                        tmp_path):
-  command = [sys.executable, "-m", "pvt_jax.main", "--config=configs/b0.py:runlocal",
-             f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(WHOLE_BATCH)]
-  procs = start_parallel_runs(command, tmp_path, compile_cache)
+def run_beside(procs: dict, run_here, timeout: int):
+  """run_here() in this process while the background `procs` run, then their outputs: all are
+  killed if anything fails, and each must have succeeded. (run_here's result, name -> (stdout,
+  stderr))."""
   try:
-    config = tiny_config(tiny_fashion_mnist, WHOLE_BATCH)
-    assert jax.device_count() == 1
-    loop.train_and_evaluate(config, str(tmp_path / "one_device"))
-    outputs = {name: proc.communicate(timeout=600) for name, proc in procs.items()}
+    result = run_here()
+    outputs = {name: proc.communicate(timeout=timeout) for name, proc in procs.items()}
   finally:
     for proc in procs.values():
       proc.kill()
   for name, proc in procs.items():
     assert proc.returncode == 0, f"{name}: {outputs[name][1][-3000:]}"
+  return result, outputs
+
+
+def test_one_device_two_devices_and_two_processes_agree(tiny_fashion_mnist, compile_cache,
+                                                        tmp_path):
+  command = [sys.executable, "-m", "pvt_jax.main", "--config=configs/b0.py:runlocal",
+             f"--config.fashion_mnist_dir={tiny_fashion_mnist}", *config_flags(WHOLE_BATCH)]
+  config = tiny_config(tiny_fashion_mnist, WHOLE_BATCH)
+  procs = start_parallel_runs(command, tmp_path, compile_cache)
+
+  def one_device():
+    assert jax.device_count() == 1
+    loop.train_and_evaluate(config, str(tmp_path / "one_device"))
+
+  run_beside(procs, one_device, timeout=600)
 
   losses, final_eval = history(tmp_path / "one_device")
   params, step = restore_params(str(tmp_path / "one_device"), config)
